@@ -1,0 +1,274 @@
+"""Recipe configs: small frozen dataclasses loaded from YAML with `key=value` overrides.
+
+Every field has a docstring-style comment. Unknown keys and ill-typed values fail at load time
+and name the dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = "smollm2"
+    """Policy weights: "smollm2" (the embedded SmolLM2-135M-Instruct) or a local HF model folder."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """"auto" is float32 on CPU (bf16 is ~9x slower there) and bfloat16 on CUDA."""
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    backend: Literal["vllm", "transformers"] = "vllm"
+    """Sampling engine. Chosen explicitly; there is no silent fallback."""
+    n: int = 4
+    """Completions sampled per prompt."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 64
+    """Completion length cap; a completion that hits it counts as not ending in EOS."""
+    probe_tolerance: float = 2e-3
+    """Max |vLLM - trainer| per-token log-prob on the probe after each weight sync."""
+    kv_cache_gib: int = 1
+    """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
+    gpu_memory_utilization: float = 0.4
+    """vLLM GPU memory share, leaving room for the trainer on the same device."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    target: str
+    """The judge class as "module:Class" (or "module.Class")."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for the judge's constructor."""
+    max_failure_rate: float = 0.5
+    """Stop the run when more than this share of a round's prompts get a failed judgment."""
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    strategy: Literal["best_vs_worst", "random"] = "best_vs_worst"
+    """best_vs_worst ranks all n samples by a pointwise judge; random judges one random pair."""
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = 0.0
+    """cDPO: the assumed probability that a label is flipped (robust / sigmoid)."""
+    length_normalize: bool = False
+    """Use mean instead of summed token log-probs per sequence."""
+    nll_weight: float = 0.0
+    """Weight of an NLL term on the chosen completion (RPO-style)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 1e-5
+    epochs: int = 1
+    """Passes over the round's fresh pairs."""
+    micro_batch_pairs: int = 4
+    """Pairs per forward pass (chosen and rejected go through one pass together)."""
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    schedule: Literal["fixed", "swap"] = "swap"
+    """fixed: the reference stays pi_0. swap: the reference becomes the policy every `every` rounds."""
+    every: int = 1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    prompts: str
+    """A jsonl/json/parquet/csv file (or save_to_disk folder) with a `prompt` column."""
+    prompts_per_round: int = 16
+    eval_prompts: int = 8
+    """Held-out prompts (taken from the end of the file) scored after every round."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    """Run name; artifacts go to <output_dir>/<name>/."""
+    rounds: int
+    judge: JudgeConfig
+    data: DataConfig
+    seed: int = 0
+    output_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check_value(key, value, arg)
+            except RecipeError:
+                continue
+        raise RecipeError(f"{key}: {value!r} does not match {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise RecipeError(f"{key}: expected null, got {value!r}")
+        return None
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is float:
+        # YAML reads 1e-5 as a string; accept ints and numeric strings for floats.
+        if isinstance(value, bool):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{key}: expected a number, got {value!r}") from None
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise RecipeError(f"{key}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise RecipeError(
+            f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _check_value(key, data[name], hints[name])
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"missing required key {key}")
+    obj = cls(**kwargs)
+    _validate(obj, prefix)
+    return obj
+
+
+def _validate(obj: Any, prefix: str) -> None:
+    """Range checks that types alone cannot express."""
+    positive = {
+        Recipe: ["rounds"],
+        GenerationConfig: ["n", "max_tokens", "probe_tolerance", "kv_cache_gib"],
+        TrainConfig: ["learning_rate", "epochs", "micro_batch_pairs", "grad_accum_steps"],
+        ReferenceConfig: ["every"],
+        DataConfig: ["prompts_per_round"],
+        LossConfig: ["beta"],
+    }.get(type(obj), [])
+    for name in positive:
+        if getattr(obj, name) <= 0:
+            key = f"{prefix}.{name}" if prefix else name
+            raise RecipeError(f"{key}: must be > 0, got {getattr(obj, name)!r}")
+    if isinstance(obj, GenerationConfig) and not 0 < obj.top_p <= 1:
+        raise RecipeError(f"{prefix}.top_p: must be in (0, 1], got {obj.top_p}")
+    if isinstance(obj, LossConfig) and not 0 <= obj.label_smoothing < 0.5:
+        raise RecipeError(f"{prefix}.label_smoothing: must be in [0, 0.5), got {obj.label_smoothing}")
+    if isinstance(obj, Recipe) and obj.generation.n < 2:
+        raise RecipeError("generation.n: need at least 2 samples per prompt to form a pair")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML scalars."""
+    data = _deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {key}: {part} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    return recipe_from_dict(apply_overrides(data or {}, list(overrides)), base_dir=path.parent)
+
+
+def recipe_from_dict(data: dict, base_dir: Path | None = None) -> Recipe:
+    recipe = _build(Recipe, data)
+    if base_dir is not None:
+        # Data paths in a recipe are relative to the recipe file, so recipes run from any cwd.
+        prompts = Path(recipe.data.prompts)
+        if not prompts.is_absolute() and not prompts.exists():
+            candidate = base_dir / prompts
+            if candidate.exists():
+                recipe = dataclasses.replace(
+                    recipe, data=dataclasses.replace(recipe.data, prompts=str(candidate))
+                )
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    return dataclasses.asdict(recipe)

@@ -1,0 +1,62 @@
+"""Prompt datasets: any local file `datasets` reads, or a `save_to_disk` folder, with a `prompt` column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def load_local_dataset(path: str) -> datasets.Dataset:
+    p = Path(path)
+    if p.is_dir():
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except FileNotFoundError as e:
+            raise DatasetError(f"{path}: not a datasets save_to_disk folder ({e})") from None
+        return ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+    if not p.exists():
+        raise DatasetError(f"dataset not found: {path}")
+    fmt = _FORMATS.get(p.suffix)
+    if fmt is None:
+        raise DatasetError(f"{path}: unsupported format {p.suffix!r} (use {sorted(_FORMATS)})")
+    return datasets.load_dataset(fmt, data_files=str(p), split="train")
+
+
+def load_prompt_rows(path: str) -> list[dict]:
+    """Rows with a non-empty `prompt`: a string or a list of chat messages. Other columns ride along."""
+    ds = load_local_dataset(path)
+    if "prompt" not in ds.column_names:
+        raise DatasetError(f"{path}: missing column 'prompt' (columns: {ds.column_names})")
+    rows = ds.to_list()
+    for i, row in enumerate(rows):
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            ok = bool(prompt.strip())
+        else:
+            ok = isinstance(prompt, list) and len(prompt) > 0 and all(
+                isinstance(m, dict) and "role" in m and "content" in m for m in prompt
+            )
+        if not ok:
+            raise DatasetError(f"{path}: row {i}: column 'prompt' is empty or malformed: {prompt!r}")
+    return rows
+
+
+def to_messages(prompt: str | list[dict]) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def split_prompts(rows: list[dict], eval_prompts: int) -> tuple[list[dict], list[dict]]:
+    """Held-out eval prompts come from the end of the file; the rest are training prompts."""
+    if eval_prompts >= len(rows):
+        raise DatasetError(
+            f"data.eval_prompts={eval_prompts} leaves no training prompts out of {len(rows)} rows"
+        )
+    cut = len(rows) - eval_prompts
+    return rows[:cut], rows[cut:]

@@ -1,0 +1,129 @@
+"""The live pieces of a run: tokenizer, policy, reference, sampler, and verified weight sync."""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from online_dpo.config import Recipe
+from online_dpo.data import to_messages
+from online_dpo.generation.base import Generator
+from online_dpo.losses import token_logps
+from online_dpo.models import resolve_model_path, torch_dtype
+
+# A fixed probe scored by both engines after every sync. Any stale tensor in the sampler shows
+# up as a log-prob mismatch on these tokens.
+PROBE_PROMPT = "Name a colour you can see in the sky."
+PROBE_COMPLETION = "The sky is blue on a clear day, and orange or pink at sunset."
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+def build_generator(recipe: Recipe, model_dir: Path, eos_ids: list[int], pad_id: int) -> Generator:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch_dtype(recipe.model.dtype, device)
+    gen = recipe.generation
+    if gen.backend == "vllm":
+        from online_dpo.generation.vllm_engine import VLLMGenerator
+
+        return VLLMGenerator(str(model_dir), dtype, seed=recipe.seed, kv_cache_gib=gen.kv_cache_gib,
+                             gpu_memory_utilization=gen.gpu_memory_utilization)
+    from online_dpo.generation.hf import HFGenerator
+
+    return HFGenerator(str(model_dir), dtype, device, eos_ids, pad_id)
+
+
+class Models:
+    """Tokenizer, trainable policy and frozen reference, all from one model folder."""
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.model_dir = resolve_model_path(recipe.model.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")
+        self.accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            # Master weights stay fp32; CUDA computes in bf16 (bf16 on this CPU is ~9x slower).
+            mixed_precision="bf16" if torch.cuda.is_available() else "no",
+        )
+        self.device = self.accelerator.device
+        self.policy = self.load(self.model_dir).train()
+        self.reference = self.frozen_copy(self.policy)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.eos_ids = sorted({self.tokenizer.eos_token_id, *self._generation_eos()})
+
+    def _generation_eos(self) -> list[int]:
+        eos = getattr(self.policy.generation_config, "eos_token_id", None)
+        return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+    def load(self, folder: Path):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device)
+
+    @staticmethod
+    def frozen_copy(model):
+        ref = copy.deepcopy(model).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def set_reference(self, source_model) -> None:
+        self.reference.load_state_dict(self.unwrapped_policy_state(source_model), strict=True)
+
+    def unwrapped_policy_state(self, model=None) -> dict[str, torch.Tensor]:
+        model = self.accelerator.unwrap_model(model if model is not None else self.policy)
+        return model.state_dict()
+
+    def prompt_ids(self, prompt) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            to_messages(prompt), add_generation_prompt=True, tokenize=False
+        )
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def probe_ids(self) -> tuple[list[int], list[int]]:
+        completion = self.tokenizer(PROBE_COMPLETION, add_special_tokens=False).input_ids
+        return self.prompt_ids(PROBE_PROMPT), completion + [self.tokenizer.eos_token_id]
+
+    @torch.no_grad()
+    def trainer_probe_logps(self, model) -> torch.Tensor:
+        prompt, completion = self.probe_ids()
+        ids = torch.tensor([prompt + completion], device=self.device)
+        model = self.accelerator.unwrap_model(model)
+        was_training = model.training
+        model.eval()
+        logits = model(input_ids=ids).logits
+        model.train(was_training)
+        return token_logps(logits, ids)[0, len(prompt) - 1:].float().cpu()
+
+
+def verify_engine(models: Models, generator: Generator, tolerance: float) -> float:
+    """Max per-token |engine - trainer| log-prob on the probe; raises past `tolerance`."""
+    prompt, completion = models.probe_ids()
+    engine = torch.tensor(generator.score(prompt, completion))
+    trainer = models.trainer_probe_logps(models.policy)
+    diff = (engine - trainer).abs().max().item()
+    if not diff <= tolerance:  # also catches NaN
+        raise WeightSyncError(
+            f"sampler and trainer disagree after weight sync: max per-token log-prob difference "
+            f"{diff:.3g} > generation.probe_tolerance={tolerance:g}. The sampler may hold stale "
+            "weights; stopping rather than training on samples from the wrong policy."
+        )
+    return diff
+
+
+def sync_and_verify(models: Models, generator: Generator, tolerance: float) -> dict:
+    t0 = time.perf_counter()
+    state = models.unwrapped_policy_state()
+    generator.load_weights(state.items())
+    seconds = time.perf_counter() - t0
+    diff = verify_engine(models, generator, tolerance)
+    return {"sync_seconds": seconds, "probe_max_abs_diff": diff, "probe_tolerance": tolerance,
+            "verify_seconds": time.perf_counter() - t0 - seconds, "tensors": len(state)}

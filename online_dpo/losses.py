@@ -1,0 +1,111 @@
+"""The DPO loss family as pure functions of four log-prob tensors, plus sequence log-probs.
+
+Every loss takes `(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+reference_rejected_logps)`, each of shape (B,), holding summed (or mean) log-probs of whole
+completions, and returns `(losses, chosen_rewards, rejected_rewards)`, each of shape (B,), with
+the rewards detached. Batch reduction is the caller's business.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+
+
+class LossType(str, Enum):
+    SIGMOID = "sigmoid"  # DPO, Rafailov et al. 2023, eq. 7
+    IPO = "ipo"  # Azar et al. 2023, eq. 17
+    HINGE = "hinge"  # SLiC, Zhao et al. 2023
+    ROBUST = "robust"  # cDPO / robust DPO, Chowdhury et al. 2024
+
+    @property
+    def needs_reference_model(self) -> bool:
+        return True
+
+
+def _sigmoid(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    # Conservative DPO: with probability eps the label is flipped. logsigmoid is the stable
+    # form of log(sigmoid(x)); it never overflows for large |x|.
+    return (
+        -F.logsigmoid(beta * logits) * (1 - label_smoothing)
+        - F.logsigmoid(-beta * logits) * label_smoothing
+    )
+
+
+def _ipo(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    # IPO regresses the log-ratio gap onto 1/(2*tau); beta plays the role of tau.
+    return (logits - 1 / (2 * beta)) ** 2
+
+
+def _hinge(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    return torch.relu(1 - beta * logits)
+
+
+def _robust(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
+    # Unbiased estimator of the clean-label loss under label noise eps (Chowdhury et al., eq. 10).
+    eps = label_smoothing
+    return (
+        -F.logsigmoid(beta * logits) * (1 - eps) + F.logsigmoid(-beta * logits) * eps
+    ) / (1 - 2 * eps)
+
+
+_LOSSES = {
+    LossType.SIGMOID: _sigmoid,
+    LossType.IPO: _ipo,
+    LossType.HINGE: _hinge,
+    LossType.ROBUST: _robust,
+}
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    *,
+    beta: float,
+    loss_type: LossType | str = LossType.SIGMOID,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example preference losses and implicit rewards.
+
+    logits = (pi_c - pi_r) - (ref_c - ref_r); the implicit reward of a completion is
+    beta * (log pi(y|x) - log ref(y|x)) (DPO paper, section 5).
+    """
+    loss_fn = _LOSSES[LossType(loss_type)]
+    logits = (policy_chosen_logps - policy_rejected_logps) - (
+        reference_chosen_logps - reference_rejected_logps
+    )
+    losses = loss_fn(logits, beta, label_smoothing)
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probs (B, T-1) of labels[:, 1:] under logits[:, :-1]."""
+    # gather - logsumexp avoids materialising a full (B, T, V) log_softmax copy.
+    logits = logits[:, :-1].float()
+    picked = torch.gather(logits, 2, labels[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, average: bool = False
+) -> torch.Tensor:
+    """Summed (or mean) log-probs of the masked tokens of each sequence.
+
+    logits: (B, T, V) from a causal LM run on `labels` (B, T); position t predicts token t+1.
+    mask: (B, T), 1 where labels[:, t] is a completion token to score (prompt and padding are 0).
+    Returns (B,).
+    """
+    logps = token_logps(logits, labels)
+    mask = mask[:, 1:].to(logps.dtype)
+    summed = (logps * mask).sum(-1)
+    if average:
+        return summed / mask.sum(-1).clamp(min=1)
+    return summed
+
+

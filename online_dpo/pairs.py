@@ -1,0 +1,113 @@
+"""Judge a prompt's samples and pick the training pair. Ties and failures are dropped and counted.
+
+A judge that raises or answers garbage yields a failed judgment with its reason; it never decides
+a pair by default (TRL's online DPO gives ties to the first sample; we don't).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from judges.protocol import Judgment, Preference, checked_score
+
+KEPT, TIE, FAILED = "kept", "tie", "failed"
+
+
+def safe_judge(judge, row: dict, first: str, second: str) -> Judgment:
+    try:
+        result = judge.judge(row, first, second)
+    except Exception as e:  # noqa: BLE001 - a crashing user judge must not kill the run
+        return Judgment(Preference.FAILED, f"judge raised {type(e).__name__}: {e}")
+    if not isinstance(result, Judgment):
+        return Judgment(Preference.FAILED, f"judge returned {type(result).__name__}, not a Judgment")
+    return result
+
+
+def safe_score(judge, row: dict, completion: str) -> tuple[float | None, str]:
+    try:
+        return checked_score(judge, row, completion), ""
+    except Exception as e:  # noqa: BLE001
+        return None, f"score raised {type(e).__name__}: {e}"
+
+
+def judge_samples(judge, row: dict, texts: list[str], strategy: str, rng: random.Random) -> dict[str, Any]:
+    """Returns a record: per-sample scores (pointwise judges), the comparisons made, and the pair."""
+    if strategy == "random":
+        i, j = rng.sample(range(len(texts)), 2)
+        judgment = safe_judge(judge, row, texts[i], texts[j])
+        return _record(None, [(i, j, judgment)], i, j, judgment)
+    if hasattr(judge, "score"):
+        return _best_vs_worst_pointwise(judge, row, texts)
+    return _best_vs_worst_round_robin(judge, row, texts)
+
+
+def _best_vs_worst_pointwise(judge, row, texts) -> dict[str, Any]:
+    results = [safe_score(judge, row, t) for t in texts]
+    scores = [s for s, _ in results]
+    valid = [k for k, s in enumerate(scores) if s is not None]
+    if len(valid) < 2:
+        reasons = "; ".join(r for _, r in results if r)
+        judgment = Judgment(Preference.FAILED, f"fewer than 2 samples scored: {reasons}")
+        return _record(scores, [], None, None, judgment)
+    best = max(valid, key=lambda k: scores[k])
+    worst = min(valid, key=lambda k: scores[k])
+    if scores[best] == scores[worst]:
+        judgment = Judgment(Preference.TIE, f"all scores equal ({scores[best]:.4g})")
+    else:
+        judgment = Judgment(Preference.FIRST, f"best {scores[best]:.4g} vs worst {scores[worst]:.4g}",
+                            scores[best], scores[worst])
+    return _record(scores, [], best, worst, judgment)
+
+
+def _best_vs_worst_round_robin(judge, row, texts) -> dict[str, Any]:
+    wins = [0.0] * len(texts)
+    comparisons = []
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            judgment = safe_judge(judge, row, texts[i], texts[j])
+            comparisons.append((i, j, judgment))
+            if judgment.preference == Preference.FIRST:
+                wins[i] += 1
+            elif judgment.preference == Preference.SECOND:
+                wins[j] += 1
+    if all(c[2].preference == Preference.FAILED for c in comparisons):
+        return _record(None, comparisons, None, None,
+                       Judgment(Preference.FAILED, comparisons[0][2].reason))
+    best = max(range(len(texts)), key=lambda k: wins[k])
+    worst = min(range(len(texts)), key=lambda k: wins[k])
+    direct = next(c[2] for c in comparisons if {c[0], c[1]} == {best, worst}) if best != worst else None
+    if direct is None or not direct.decided:
+        reason = direct.reason if direct else "no sample won more often than another"
+        preference = direct.preference if direct and direct.preference == Preference.FAILED else Preference.TIE
+        return _record(None, comparisons, best, worst, Judgment(preference, reason))
+    # The direct comparison must agree with the ranking, or the pair is not trustworthy.
+    winner = best if (direct.preference == Preference.FIRST) == (best < worst) else worst
+    if winner != best:
+        return _record(None, comparisons, best, worst,
+                       Judgment(Preference.TIE, "ranking and direct comparison disagree"))
+    return _record(None, comparisons, best, worst, Judgment(Preference.FIRST, direct.reason))
+
+
+def _record(scores, comparisons, first, second, judgment: Judgment) -> dict[str, Any]:
+    """`chosen`/`rejected` are sample indices when the judgment is decided, else None."""
+    if judgment.preference == Preference.FAILED:
+        status = FAILED
+    elif judgment.decided:
+        status = KEPT
+    else:
+        status = TIE
+    chosen = rejected = None
+    if status == KEPT:
+        chosen, rejected = (first, second) if judgment.preference == Preference.FIRST else (second, first)
+    return {
+        "scores": scores,
+        "comparisons": [
+            {"first": i, "second": j, "preference": c.preference.value, "reason": c.reason}
+            for i, j, c in comparisons
+        ],
+        "status": status,
+        "reason": judgment.reason,
+        "chosen": chosen,
+        "rejected": rejected,
+    }

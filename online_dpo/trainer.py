@@ -1,0 +1,163 @@
+"""DPO updates on a round's pairs: one forward over chosen+rejected, AdamW, clipping, accumulation."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from online_dpo.config import LossConfig, TrainConfig
+from online_dpo.faults import maybe_kill
+from online_dpo.losses import dpo_loss, sequence_logps
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
+def collate(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (prompt, completion) token lists; the mask marks completion tokens only."""
+    width = max(len(p) + len(c) for p, c in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (prompt, comp) in enumerate(sequences):
+        n = len(prompt) + len(comp)
+        ids[row, :n] = torch.tensor(prompt + comp)
+        attention[row, :n] = 1
+        completion[row, len(prompt):n] = 1
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+
+
+def pair_sequences(pairs: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
+    """Chosen rows first, then rejected rows: one forward pass scores both sides."""
+    return [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+
+
+def batch_logps(model, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"], average=average)
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                    device: torch.device, batch_size: int = 8, average: bool = False) -> torch.Tensor:
+    """Summed completion log-probs of many sequences under a frozen model, in batches."""
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        batch = collate(sequences[start:start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out.append(batch_logps(model, batch, average).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+class DPOTrainer:
+    def __init__(self, policy, loss: LossConfig, train: TrainConfig, pad_id: int,
+                 accelerator: Accelerator):
+        self.loss_cfg = loss
+        self.cfg = train
+        self.pad_id = pad_id
+        self.accelerator = accelerator
+        if train.gradient_checkpointing:
+            policy.gradient_checkpointing_enable()
+        optimizer = torch.optim.AdamW(
+            policy.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
+        )
+        self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def train_round(self, pairs: Sequence[Pair], reference_chosen: torch.Tensor,
+                    reference_rejected: torch.Tensor, seed: int, tag: str = "") -> dict:
+        """One round of DPO on fresh pairs; returns metrics averaged over all micro-batches.
+
+        Adam moments restart every round: each round is a new DPO problem against the current
+        reference, and it makes a resumed round identical to an uninterrupted one.
+        """
+        self.optimizer.optimizer.state.clear()
+        self.policy.train()
+        cfg, per_step = self.cfg, self.cfg.micro_batch_pairs * self.cfg.grad_accum_steps
+        gen = torch.Generator().manual_seed(seed)
+        totals: dict[str, float] = {}
+        micro_batches, step, t0 = 0, 0, time.perf_counter()
+        grad_norms = []
+        steps_total = cfg.epochs * math.ceil(len(pairs) / per_step)
+        bar = tqdm(total=steps_total, desc=f"{tag} train", leave=False, unit="step")
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(pairs), generator=gen).tolist()
+            for s in range(0, len(order), per_step):
+                step_idx = order[s:s + per_step]
+                for m in range(0, len(step_idx), cfg.micro_batch_pairs):
+                    idx = step_idx[m:m + cfg.micro_batch_pairs]
+                    # Scale so a step's gradient is the mean over its pairs, whatever the split.
+                    weight = len(idx) / len(step_idx)
+                    stats = self._micro_step(pairs, idx, reference_chosen, reference_rejected, weight)
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0.0) + v
+                    micro_batches += 1
+                norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
+                grad_norms.append(float(norm))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{totals['loss'] / micro_batches:.4f}")
+                maybe_kill(f"{tag}/train_step_{step}")
+        bar.close()
+        self.policy.eval()
+        metrics = {k: v / max(micro_batches, 1) for k, v in totals.items()}
+        metrics["reward_margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
+        metrics.update(optimizer_steps=step, grad_norm=sum(grad_norms) / max(len(grad_norms), 1),
+                       train_pairs=len(pairs), train_seconds=time.perf_counter() - t0)
+        return metrics
+
+    def _micro_step(self, pairs, idx, reference_chosen, reference_rejected, weight) -> dict:
+        chosen_pairs = [pairs[i] for i in idx]
+        batch = collate(pair_sequences(chosen_pairs), self.pad_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        n = len(idx)
+        with self.accelerator.autocast():
+            logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        summed = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+        lengths = batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
+        logps = summed / lengths if self.loss_cfg.length_normalize else summed
+        ref_c = reference_chosen[idx].to(self.device)
+        ref_r = reference_rejected[idx].to(self.device)
+        if self.loss_cfg.length_normalize:
+            ref_c, ref_r = ref_c / lengths[:n], ref_r / lengths[n:]
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            logps[:n], logps[n:], ref_c, ref_r,
+            beta=self.loss_cfg.beta, loss_type=self.loss_cfg.loss_type,
+            label_smoothing=self.loss_cfg.label_smoothing,
+        )
+        loss = losses.mean()
+        nll = -(summed[:n] / lengths[:n]).mean()
+        if self.loss_cfg.nll_weight:
+            loss = loss + self.loss_cfg.nll_weight * nll
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite DPO loss {loss.item()} (policy logps {logps.tolist()}); "
+                "lower train.learning_rate or loss.beta. The last good checkpoint is kept."
+            )
+        self.accelerator.backward(loss * weight)
+        return {
+            "loss": loss.item(),
+            "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+            "chosen_reward": chosen_rewards.mean().item(),
+            "rejected_reward": rejected_rewards.mean().item(),
+            "chosen_nll": nll.item(),
+        }
