@@ -5,16 +5,36 @@ from __future__ import annotations
 import re
 
 _SENTENCE_END = re.compile(r"[.!?)\"']\s*$")
+_WORD = re.compile(r"[a-z]{3,}")
+_STOPWORDS = frozenset(
+    "what about tell give explain describe write short note quick interesting fact child "
+    "should everyone know answer briefly sentence related why care with that this the and "
+    "for you are one how".split()
+)
+
+
+def prompt_text(row: dict) -> str:
+    """The last user message of a row's prompt (a string or a list of chat messages)."""
+    prompt = row.get("prompt", "")
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def topic_words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
 
 
 class ConciseAnswerJudge:
-    """Rewards short answers that end cleanly: a target style a 135M model learns in a few rounds.
+    """Rewards short, on-topic answers that end cleanly: a style a 135M model learns in a few rounds.
 
-    score = brevity + ending, in [0, 2]:
-      brevity = max(0, 1 - words / max_words)   (1.0 for an empty-ish answer, 0 at max_words)
-      ending  = 1 if the text ends a sentence (., !, ?, a closing bracket or quote), else 0
+    score = brevity + ending + on_topic, in [0, 3]:
+      brevity  = max(0, 1 - words / max_words)   (0 at max_words or longer)
+      ending   = 1 if the text ends a sentence (., !, ?, a closing bracket or quote), else 0
+      on_topic = 1 if the answer uses a content word of the prompt (e.g. "volcanoes"), else 0
     A completion cut off by max_tokens rarely ends a sentence, so the rule also rewards stopping.
-    An empty answer scores 0: brevity is only worth something with content.
+    Fewer than `min_words` words scores 0: brevity is only worth something with content.
     """
 
     def __init__(self, max_words: int = 60, min_words: int = 3):
@@ -29,4 +49,6 @@ class ConciseAnswerJudge:
             return 0.0
         brevity = max(0.0, 1.0 - words / self.max_words)
         ending = 1.0 if _SENTENCE_END.search(completion) else 0.0
-        return brevity + ending
+        wanted = topic_words(prompt_text(row))
+        on_topic = 1.0 if wanted & topic_words(completion) else 0.0
+        return brevity + ending + on_topic

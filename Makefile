@@ -1,0 +1,21 @@
+# `make run` runs the quickstart recipe; `make test` runs lint and the test suite.
+# Both create or reuse .venv; the install runs again only when the requirements change.
+VENV := .venv
+REQS := requirements/common.txt requirements/cpu.txt requirements/cuda.txt pyproject.toml scripts/install.sh
+STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: run test install
+
+install: $(STAMP)
+
+$(STAMP): $(REQS)
+	bash scripts/install.sh $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/online-dpo run recipes/quickstart.yaml $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

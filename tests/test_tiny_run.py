@@ -1,0 +1,103 @@
+"""A whole run on a tiny random model with the transformers backend: real files, real training."""
+
+import json
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from online_dpo.config import recipe_from_dict
+from online_dpo.engine import WeightSyncError, verify_engine
+from online_dpo.run import STEPS, Run
+from tests.conftest import tiny_recipe_dict
+
+
+@pytest.fixture
+def finished_run(tiny_model_dir, prompts_file, tmp_path):
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs"))
+    run = Run(recipe)
+    rows = run.execute()
+    return run, rows
+
+
+def test_round_artifacts_and_metrics(finished_run):
+    run, rows = finished_run
+    assert [r["round"] for r in rows] == [1, 2]
+    assert (run.dir / "recipe.yaml").exists() and (run.dir / "plot.png").stat().st_size > 1000
+    for k in (1, 2):
+        d = run.dir / f"round_{k}"
+        for step in STEPS:
+            assert (d / f"{step}.json").exists(), step
+        assert (d / "samples.jsonl").exists() and (d / "judgments.jsonl").exists()
+        pairs = datasets.load_from_disk(str(d / "pairs"))
+        assert {"prompt", "chosen", "rejected"} <= set(pairs.column_names)
+        assert len(pairs) == rows[k - 1]["pairs_kept"]
+    lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    assert lines == rows
+    for key in ("loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward",
+                "kl_to_reference", "judge_score", "mean_length", "eos_rate", "pairs_kept",
+                "pairs_dropped", "phase_seconds", "generation_seconds", "tokens_per_second"):
+        assert key in rows[0], key
+    assert rows[0]["pairs_kept"] + rows[0]["pairs_dropped"] == 4
+
+
+def test_training_changed_weights_and_reference_follows_policy(finished_run, tiny_model_dir):
+    run, rows = finished_run
+    base = load_file(tiny_model_dir / "model.safetensors")
+    trained = load_file(run.dir / "round_2" / "checkpoint" / "model.safetensors")
+    assert any(not torch.equal(base[k], trained[k]) for k in base)
+    # Swap schedule, every round: after round 2 the reference *is* the round-2 policy.
+    assert json.loads((run.dir / "round_2" / "reference.json").read_text())["source_round"] == 2
+    policy = run.models.accelerator.unwrap_model(run.trainer.policy)
+    for (name, p), r in zip(policy.state_dict().items(), run.models.reference.state_dict().values()):
+        assert torch.equal(p, r), name
+    # Round 2 sampled from the round-1 policy, which was also its reference: vLLM-free reuse.
+    assert rows[1]["reference_logps_from"] == "sampler"
+
+
+def test_fixed_reference_stays_pi0(tiny_model_dir, prompts_file, tmp_path):
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs",
+                            **{"reference.schedule": "fixed", "loss.length_normalize": True,
+                               "loss.nll_weight": 0.1})
+    run = Run(recipe_from_dict(data))
+    rows = run.execute()
+    assert [r["reference_source_round"] for r in rows] == [0, 0]
+    assert rows[1]["reference_logps_from"] == "forward"
+    base = load_file(tiny_model_dir / "model.safetensors")
+    reference = run.models.reference.state_dict()
+    for name, tensor in base.items():  # lm_head is tied to the embedding, so not saved twice
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_stale_sampler_is_detected(finished_run):
+    run, _ = finished_run
+    # The run closed its generator; a fresh one holds the base weights while the trainer holds
+    # the round-2 policy. The probe must refuse it.
+    from online_dpo.engine import build_generator
+
+    gen = build_generator(run.recipe, run.models.model_dir, run.models.eos_ids, run.models.pad_id)
+    with pytest.raises(WeightSyncError, match="stale"):
+        verify_engine(run.models, gen, tolerance=1e-3)
+    gen.load_weights(run.models.unwrapped_policy_state().items())
+    assert verify_engine(run.models, gen, tolerance=1e-3) < 1e-3
+
+
+def test_rerun_of_finished_run_redoes_nothing(finished_run):
+    run, rows = finished_run
+    mtimes = {p: p.stat().st_mtime_ns for p in run.dir.rglob("*.json*")
+              if p.name not in ("metrics.jsonl",)}
+    again = Run(run.recipe).execute()
+    assert again == rows
+    assert mtimes == {p: p.stat().st_mtime_ns for p in mtimes}
+
+
+def test_changed_recipe_refuses_to_mix(finished_run):
+    from online_dpo.config import RecipeError
+
+    run, _ = finished_run
+    import dataclasses
+
+    changed = dataclasses.replace(run.recipe, loss=dataclasses.replace(run.recipe.loss, beta=0.5))
+    with pytest.raises(RecipeError, match="loss.beta"):
+        Run(changed).execute()
