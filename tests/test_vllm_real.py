@@ -7,9 +7,15 @@ import torch
 import yaml
 
 from online_dpo.config import recipe_from_dict
-from online_dpo.engine import Models, WeightSyncError, build_generator, sync_and_verify, verify_engine
+from online_dpo.engine import (
+    Models,
+    WeightSyncError,
+    build_generator,
+    sync_and_verify,
+    verify_engine,
+)
 from online_dpo.generation.base import SamplingSettings
-from online_dpo.trainer import Pair, score_sequences
+from online_dpo.trainer import Pair, batch_logps, collate, score_sequences
 from tests.conftest import REPO
 from tests.test_resume import cli
 
@@ -62,8 +68,6 @@ def test_sync_in_place_is_verified_and_stale_weights_are_caught(live):
     opt = torch.optim.AdamW(models.policy.parameters(), lr=1e-4)
     logps = score_sequences(models.policy, [(pair.prompt_ids, pair.chosen_ids)], models.pad_id,
                             models.device)
-    from online_dpo.trainer import batch_logps, collate
-
     batch = collate([(pair.prompt_ids, pair.chosen_ids)], models.pad_id)
     (-batch_logps(models.policy, batch, average=True)).mean().backward()
     opt.step()
