@@ -15,8 +15,29 @@ class JudgeLoadError(ValueError):
     pass
 
 
+ENTRY_POINT_GROUP = "online_dpo.judges"
+
+
+def _entry_point(name: str) -> Any:
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        raise JudgeLoadError(
+            f"judge.target {name!r} is not of the form 'module:Class' and no installed package "
+            f"registers it under the {ENTRY_POINT_GROUP!r} entry-point group (registered: {known})"
+        )
+    try:
+        return found[0].load()
+    except Exception as e:  # noqa: BLE001 - a broken plug-in package should name itself
+        raise JudgeLoadError(f"judge entry point {name!r} ({found[0].value}) failed to load: {e}") from e
+
+
 def resolve_target(target: str) -> Any:
-    """Import the object named by "pkg.mod:Name" (or "pkg.mod.Name")."""
+    """Import the object named by "pkg.mod:Name" or "pkg.mod.Name", or a registered plug-in name."""
+    if ":" not in target and "." not in target:
+        return _entry_point(target)
     if ":" in target:
         module_name, _, attr = target.partition(":")
     else:
@@ -67,3 +88,23 @@ def build_judge(target: str, kwargs: dict[str, Any]) -> PairwiseJudge | Pointwis
     if isinstance(judge, PairwiseJudge):
         return judge
     raise JudgeLoadError(f"{target} built {type(judge).__name__}, which is not a judge")
+
+
+def build_judge_stack(cfg, cache_path=None):
+    """The recipe's judge behind its fault-tolerance and bias-control layers.
+
+    Returns (judge for pair selection, pointwise scorer or None). The scorer skips BothOrders:
+    a score does not depend on the order of anything.
+    """
+    import json
+
+    from judges.bias import BothOrders
+    from judges.reliable import JudgeCache, ReliableJudge
+
+    base = build_judge(cfg.target, cfg.kwargs)
+    fingerprint = json.dumps([cfg.target, cfg.kwargs], sort_keys=True, default=str)
+    reliable = ReliableJudge(base, fingerprint=fingerprint, retries=cfg.retries,
+                             timeout_s=cfg.timeout_s, backoff_s=cfg.backoff_s,
+                             cache=JudgeCache(cache_path if cfg.cache else None))
+    judge = BothOrders(reliable, cfg.disagreement) if cfg.both_orders else reliable
+    return judge, (reliable if reliable.pointwise else None)

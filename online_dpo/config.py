@@ -54,6 +54,19 @@ class JudgeConfig:
     """Keyword arguments for the judge's constructor."""
     max_failure_rate: float = 0.5
     """Stop the run when more than this share of a round's prompts get a failed judgment."""
+    retries: int = 2
+    """Extra attempts after a judge call raises, times out or answers garbage."""
+    timeout_s: float | None = None
+    """Give up on one judge call after this many seconds (then retry)."""
+    backoff_s: float = 0.5
+    """Sleep before retry i is backoff_s * 2**(i-1)."""
+    both_orders: bool = False
+    """Ask a pairwise judge in both orders; disagreement becomes `disagreement`."""
+    disagreement: Literal["tie", "failed"] = "tie"
+    max_length_ratio: float | None = None
+    """Length control: a winner more than this many times longer than the loser is a tie."""
+    cache: bool = True
+    """Keep successful judgments in runs/<name>/judge_cache.jsonl; a resumed run reuses them."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +219,7 @@ def _validate(obj: Any, prefix: str) -> None:
         TrainConfig: ["learning_rate", "epochs", "micro_batch_pairs", "grad_accum_steps"],
         ReferenceConfig: ["every"],
         DataConfig: ["prompts_per_round"],
+        JudgeConfig: ["backoff_s"],
         LossConfig: ["beta"],
     }.get(type(obj), [])
     for name in positive:
@@ -216,6 +230,15 @@ def _validate(obj: Any, prefix: str) -> None:
         raise RecipeError(f"{prefix}.top_p: must be in (0, 1], got {obj.top_p}")
     if isinstance(obj, LossConfig) and not 0 <= obj.label_smoothing < 0.5:
         raise RecipeError(f"{prefix}.label_smoothing: must be in [0, 0.5), got {obj.label_smoothing}")
+    if isinstance(obj, JudgeConfig):
+        if obj.retries < 0:
+            raise RecipeError(f"{prefix}.retries: must be >= 0, got {obj.retries}")
+        if not 0 <= obj.max_failure_rate <= 1:
+            raise RecipeError(f"{prefix}.max_failure_rate: must be in [0, 1], got {obj.max_failure_rate}")
+        for name in ("timeout_s", "max_length_ratio"):
+            value = getattr(obj, name)
+            if value is not None and value <= 0:
+                raise RecipeError(f"{prefix}.{name}: must be > 0, got {value}")
     if isinstance(obj, Recipe) and obj.generation.n < 2:
         raise RecipeError("generation.n: need at least 2 samples per prompt to form a pair")
 

@@ -1,7 +1,9 @@
 """Judge a prompt's samples and pick the training pair. Ties and failures are dropped and counted.
 
-A judge that raises or answers garbage yields a failed judgment with its reason; it never decides
-a pair by default (TRL's online DPO gives ties to the first sample; we don't).
+The judge passed in is a `judges.reliable.ReliableJudge` (optionally behind `BothOrders`): a
+judge that raises, times out or answers garbage has already been retried and turned into a failed
+judgment with its reason. A failure never decides a pair (TRL's online DPO gives ties to the
+first sample; we don't).
 """
 
 from __future__ import annotations
@@ -9,45 +11,40 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from judges.protocol import Judgment, Preference, checked_score
+from judges.protocol import Judgment, Preference
 
 KEPT, TIE, FAILED = "kept", "tie", "failed"
 
 
-def safe_judge(judge, row: dict, first: str, second: str) -> Judgment:
-    try:
-        result = judge.judge(row, first, second)
-    except Exception as e:  # noqa: BLE001 - a crashing user judge must not kill the run
-        return Judgment(Preference.FAILED, f"judge raised {type(e).__name__}: {e}")
-    if not isinstance(result, Judgment):
-        return Judgment(Preference.FAILED, f"judge returned {type(result).__name__}, not a Judgment")
-    return result
+def judge_samples(judge, row: dict, texts: list[str], strategy: str, rng: random.Random,
+                  max_length_ratio: float | None = None) -> dict[str, Any]:
+    """A record: per-sample scores (pointwise judges), the comparisons made, and the pair.
 
-
-def safe_score(judge, row: dict, completion: str) -> tuple[float | None, str]:
-    try:
-        return checked_score(judge, row, completion), ""
-    except Exception as e:  # noqa: BLE001
-        return None, f"score raised {type(e).__name__}: {e}"
-
-
-def judge_samples(judge, row: dict, texts: list[str], strategy: str, rng: random.Random) -> dict[str, Any]:
-    """Returns a record: per-sample scores (pointwise judges), the comparisons made, and the pair."""
+    `max_length_ratio` is a length control: a winner more than that many times longer (in words)
+    than the loser is called a tie instead of teaching the policy that longer is better.
+    """
     if strategy == "random":
         i, j = rng.sample(range(len(texts)), 2)
-        judgment = safe_judge(judge, row, texts[i], texts[j])
-        return _record(None, [(i, j, judgment)], i, j, judgment)
-    if hasattr(judge, "score"):
-        return _best_vs_worst_pointwise(judge, row, texts)
-    return _best_vs_worst_round_robin(judge, row, texts)
+        judgment = judge.judge(row, texts[i], texts[j])
+        record = _record(None, [(i, j, judgment)], i, j, judgment)
+    elif getattr(judge, "pointwise", False):
+        record = _best_vs_worst_pointwise(judge, row, texts)
+    else:
+        record = _best_vs_worst_round_robin(judge, row, texts)
+    if record["status"] == KEPT and max_length_ratio is not None:
+        chosen, rejected = (len(texts[record[k]].split()) for k in ("chosen", "rejected"))
+        if chosen > max_length_ratio * max(rejected, 1):
+            record.update(status=TIE, chosen=None, rejected=None,
+                          reason=f"length control: winner has {chosen} words vs {rejected}")
+    return record
 
 
 def _best_vs_worst_pointwise(judge, row, texts) -> dict[str, Any]:
-    results = [safe_score(judge, row, t) for t in texts]
+    results = [judge.score(row, t) for t in texts]
     scores = [s for s, _ in results]
     valid = [k for k, s in enumerate(scores) if s is not None]
     if len(valid) < 2:
-        reasons = "; ".join(r for _, r in results if r)
+        reasons = "; ".join(sorted({r for _, r in results if r}))
         judgment = Judgment(Preference.FAILED, f"fewer than 2 samples scored: {reasons}")
         return _record(scores, [], None, None, judgment)
     best = max(valid, key=lambda k: scores[k])
@@ -65,7 +62,7 @@ def _best_vs_worst_round_robin(judge, row, texts) -> dict[str, Any]:
     comparisons = []
     for i in range(len(texts)):
         for j in range(i + 1, len(texts)):
-            judgment = safe_judge(judge, row, texts[i], texts[j])
+            judgment = judge.judge(row, texts[i], texts[j])
             comparisons.append((i, j, judgment))
             if judgment.preference == Preference.FIRST:
                 wins[i] += 1

@@ -16,7 +16,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from judges.loading import build_judge
+from judges.loading import build_judge_stack
 from online_dpo.artifacts import (
     read_json,
     read_jsonl,
@@ -30,7 +30,7 @@ from online_dpo.data import load_prompt_rows, split_prompts
 from online_dpo.engine import Models, build_generator, sync_and_verify, verify_engine
 from online_dpo.faults import maybe_kill
 from online_dpo.generation.base import SamplingSettings
-from online_dpo.pairs import FAILED, KEPT, TIE, judge_samples, safe_score
+from online_dpo.pairs import FAILED, KEPT, TIE, judge_samples
 from online_dpo.reporting import finish_run, round_metrics
 from online_dpo.trainer import DPOTrainer, Pair, pair_sequences, score_sequences
 
@@ -90,7 +90,7 @@ class Run:
     def execute(self) -> list[dict]:
         recipe = self.recipe
         # Cheap checks first: a bad judge or dataset fails before any model loads.
-        self.judge = build_judge(recipe.judge.target, recipe.judge.kwargs)
+        self.judge, self.scorer = build_judge_stack(recipe.judge, self.dir / "judge_cache.jsonl")
         self.train_rows, self.eval_rows = split_prompts(
             load_prompt_rows(recipe.data.prompts), recipe.data.eval_prompts
         )
@@ -218,7 +218,8 @@ class Run:
         judgments = []
         for rec in tqdm(records, desc=f"round {k} judge", leave=False):
             texts = [s["text"] for s in rec["samples"]]
-            judgments.append(judge_samples(self.judge, rec["row"], texts, self.recipe.pairs.strategy, rng))
+            judgments.append(judge_samples(self.judge, rec["row"], texts, self.recipe.pairs.strategy,
+                                           rng, self.recipe.judge.max_length_ratio))
         write_jsonl(self.round_dir(k) / "judgments.jsonl", judgments)
         counts = {s: sum(j["status"] == s for j in judgments) for s in (KEPT, TIE, FAILED)}
         failure_rate = counts[FAILED] / max(len(judgments), 1)
@@ -230,8 +231,17 @@ class Run:
                 f"Judgments are in {self.round_dir(k) / 'judgments.jsonl'}"
             )
         scores = [s for j in judgments for s in (j["scores"] or []) if s is not None]
+        kept = [(rec, j) for rec, j in zip(records, judgments) if j["status"] == KEPT]
+        longer = [len(rec["samples"][j["chosen"]]["text"].split())
+                  > len(rec["samples"][j["rejected"]]["text"].split()) for rec, j in kept]
+        stats = {}
+        for layer in (self.judge, getattr(self.judge, "inner", None)):
+            if hasattr(layer, "pop_stats"):
+                stats.update(layer.pop_stats())
         return {"pairs_kept": counts[KEPT], "pairs_tied": counts[TIE], "pairs_failed": counts[FAILED],
-                "judge_score": sum(scores) / len(scores) if scores else None}
+                "judge_score": sum(scores) / len(scores) if scores else None,
+                # How often the judge preferred the longer response: the classic length bias.
+                "judge_prefers_longer": sum(longer) / len(longer) if longer else None, **stats}
 
     def select_pairs(self, k: int) -> dict:
         records = read_jsonl(self.round_dir(k) / "samples.jsonl")
@@ -255,9 +265,10 @@ class Run:
             columns["rejected_sample_logp"].append(rejected["logp"])
             columns["reason"].append(j["reason"])
             columns["prompt_index"].append(rec["prompt_index"])
-        ds = datasets.Dataset.from_dict(columns)
-        write_dir_atomic(self.round_dir(k) / "pairs", lambda tmp: ds.save_to_disk(str(tmp)))
-        return {"pairs": len(ds)}
+        if columns["prompt"]:  # datasets cannot reload a 0-row folder; pairs.json says 0 instead
+            ds = datasets.Dataset.from_dict(columns)
+            write_dir_atomic(self.round_dir(k) / "pairs", lambda tmp: ds.save_to_disk(str(tmp)))
+        return {"pairs": len(columns["prompt"])}
 
     def reference_logps(self, k: int, pairs: list[Pair], ds) -> tuple[torch.Tensor, torch.Tensor, str]:
         sampler_round = read_json(self.round_dir(k) / "sample.json")["policy_round"]
@@ -282,9 +293,9 @@ class Run:
         return logps[:len(pairs)], logps[len(pairs):], "forward"
 
     def train(self, k: int) -> dict:
-        ds = datasets.load_from_disk(str(self.round_dir(k) / "pairs"))
-        if len(ds) == 0:
+        if read_json(self.round_dir(k) / "pairs.json")["pairs"] == 0:
             return {"skipped": "no pairs this round", "train_pairs": 0}
+        ds = datasets.load_from_disk(str(self.round_dir(k) / "pairs"))
         pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
         t0 = time.perf_counter()
         ref_c, ref_r, source = self.reference_logps(k, pairs, ds)
@@ -320,7 +331,7 @@ class Run:
             for s in rec["samples"]:
                 sequences.append((rec["prompt_ids"], s["token_ids"]))
                 policy_logps.append(s["logp"])
-                scores.append(judge_score_or_none(self.judge, rec["row"], s["text"]))
+                scores.append(self.scorer.score(rec["row"], s["text"])[0] if self.scorer else None)
         ref = score_sequences(self.models.reference, sequences, self.models.pad_id, self.models.device)
         kl = (torch.tensor(policy_logps) - ref).mean().item()
         samples = [s for rec in records for s in rec["samples"]]
@@ -338,12 +349,6 @@ class Run:
             self.models.set_reference(self.trainer.policy)
             self.reference_round = k
         return {"source_round": self.reference_round, "schedule": ref.schedule}
-
-
-def judge_score_or_none(judge, row: dict, text: str) -> float | None:
-    if not hasattr(judge, "score"):
-        return None
-    return safe_score(judge, row, text)[0]
 
 
 def run_recipe(recipe: Recipe) -> list[dict]:

@@ -3,8 +3,10 @@ import random
 
 import pytest
 
+from judges.bias import BothOrders
 from judges.loading import JudgeLoadError, build_judge, validate_judge_target
 from judges.protocol import Judgment, PairwiseJudge, PointwiseAsPairwise, PointwiseJudge, Preference
+from judges.reliable import JudgeCache, ReliableJudge
 from judges.rules import ConciseAnswerJudge
 from online_dpo.pairs import FAILED, KEPT, TIE, judge_samples
 
@@ -56,37 +58,46 @@ class PreferShorter:
         return Judgment(Preference.FIRST if len(first) < len(second) else Preference.SECOND, "shorter")
 
 
+def stack(judge, **kwargs):
+    """The judge as the pipeline sees it: behind the fault-tolerance layer, with no real sleeps."""
+    if not hasattr(judge, "judge"):
+        judge = PointwiseAsPairwise(judge)
+    kwargs.setdefault("sleep", lambda s: None)
+    return ReliableJudge(judge, fingerprint="test", **kwargs)
+
+
 def test_best_vs_worst_pointwise():
-    rec = judge_samples(Lengthy(), ROW, ["aa", "a", "aaaa", "aaa"], "best_vs_worst", random.Random(0))
+    rec = judge_samples(stack(Lengthy()), ROW, ["aa", "a", "aaaa", "aaa"], "best_vs_worst", random.Random(0))
     assert rec["status"] == KEPT and rec["chosen"] == 2 and rec["rejected"] == 1
     assert rec["scores"] == [2.0, 1.0, 4.0, 3.0]
 
 
 def test_ties_are_dropped_never_given_to_a_side():
-    rec = judge_samples(Lengthy(), ROW, ["ab", "cd", "ef"], "best_vs_worst", random.Random(0))
+    rec = judge_samples(stack(Lengthy()), ROW, ["ab", "cd", "ef"], "best_vs_worst", random.Random(0))
     assert rec["status"] == TIE and rec["chosen"] is None and rec["rejected"] is None
 
 
 @pytest.mark.parametrize("judge, reason", [(Crashes(), "RuntimeError: backend down"),
                                            (NaNs(), "non-finite")])
 def test_failing_pointwise_judges_are_recorded(judge, reason):
-    rec = judge_samples(judge, ROW, ["a", "bb"], "best_vs_worst", random.Random(0))
+    rec = judge_samples(stack(judge), ROW, ["a", "bb"], "best_vs_worst", random.Random(0))
     assert rec["status"] == FAILED and reason in rec["reason"]
 
 
 def test_garbage_pairwise_answer_is_a_failure():
-    rec = judge_samples(Garbage(), ROW, ["a", "bb"], "random", random.Random(0))
+    rec = judge_samples(stack(Garbage()), ROW, ["a", "bb"], "random", random.Random(0))
     assert rec["status"] == FAILED and "not a Judgment" in rec["reason"]
+    assert "failed after 3 attempts" in rec["reason"]
 
 
 def test_round_robin_for_pairwise_only_judges():
-    rec = judge_samples(PreferShorter(), ROW, ["aaa", "a", "aa"], "best_vs_worst", random.Random(0))
+    rec = judge_samples(stack(PreferShorter()), ROW, ["aaa", "a", "aa"], "best_vs_worst", random.Random(0))
     assert rec["status"] == KEPT and rec["chosen"] == 1 and rec["rejected"] == 0
     assert len(rec["comparisons"]) == 3
 
 
 def test_random_pair_strategy_uses_two_distinct_samples():
-    rec = judge_samples(PointwiseAsPairwise(Lengthy()), ROW, ["a", "bb", "ccc", "dddd"], "random",
+    rec = judge_samples(stack(Lengthy()), ROW, ["a", "bb", "ccc", "dddd"], "random",
                         random.Random(1))
     assert rec["status"] == KEPT and rec["chosen"] != rec["rejected"]
     assert len(rec["comparisons"]) == 1
@@ -113,3 +124,92 @@ def test_build_judge_by_dotted_path():
 def test_bad_judge_targets_fail_clearly(target, kwargs, message):
     with pytest.raises(JudgeLoadError, match=message):
         validate_judge_target(target, kwargs)
+
+
+class Flaky:
+    """Raises on the first `failures` calls, then answers."""
+
+    def __init__(self, failures):
+        self.failures = failures
+        self.calls = 0
+
+    def score(self, row, completion):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError("transient")
+        return float(len(completion))
+
+
+def test_retries_with_exponential_backoff_then_success():
+    sleeps = []
+    judge = stack(Flaky(2), retries=2, backoff_s=0.5, sleep=sleeps.append)
+    assert judge.score(ROW, "abc") == (3.0, "")
+    assert sleeps == [0.5, 1.0] and judge.pop_stats()["judge_retries"] == 2
+
+
+def test_retries_are_bounded():
+    judge = stack(Flaky(10), retries=1)
+    value, reason = judge.score(ROW, "abc")
+    assert value is None and "failed after 2 attempts: ConnectionError: transient" in reason
+
+
+class Slow:
+    def score(self, row, completion):
+        import time
+
+        time.sleep(5)
+        return 1.0
+
+
+def test_timeout_becomes_a_failure_quickly():
+    import time
+
+    t0 = time.perf_counter()
+    value, reason = stack(Slow(), retries=1, timeout_s=0.2).score(ROW, "abc")
+    assert value is None and "no answer within 0.2s" in reason
+    assert time.perf_counter() - t0 < 2
+
+
+def test_cache_means_never_paying_twice(tmp_path):
+    inner = Flaky(0)
+    judge = stack(inner, cache=JudgeCache(tmp_path / "cache.jsonl"))
+    judge.score(ROW, "abcd")
+    judge.score(ROW, "abcd")
+    assert inner.calls == 1
+    # A new process (a resumed run) reads the cache file back.
+    inner2 = Flaky(0)
+    judge2 = stack(inner2, cache=JudgeCache(tmp_path / "cache.jsonl"))
+    assert judge2.score(ROW, "abcd") == (4.0, "") and inner2.calls == 0
+    # A torn last line from a kill mid-write is ignored.
+    with open(tmp_path / "cache.jsonl", "a") as f:
+        f.write('{"key": "abc", "val')
+    assert len(JudgeCache(tmp_path / "cache.jsonl")) == 1
+
+
+class AlwaysFirst:
+    def judge(self, row, first, second):
+        return Judgment(Preference.FIRST, "position bias")
+
+
+def test_both_orders_turns_position_bias_into_ties():
+    judge = BothOrders(stack(AlwaysFirst()))
+    assert judge.judge(ROW, "a", "b").preference == Preference.TIE
+    assert judge.pop_stats() == {"position_flip_rate": 1.0}
+    consistent = BothOrders(stack(PreferShorter()), disagreement="failed")
+    assert consistent.judge(ROW, "a", "bb").preference == Preference.FIRST
+    assert consistent.judge(ROW, "bb", "a").preference == Preference.SECOND
+    assert consistent.pop_stats() == {"position_flip_rate": 0.0}
+    assert BothOrders(stack(AlwaysFirst()), "failed").judge(ROW, "a", "b").preference == Preference.FAILED
+
+
+def test_length_control_ties_much_longer_winners():
+    texts = ["one two three four five six", "one"]
+    rec = judge_samples(stack(Lengthy()), ROW, texts, "best_vs_worst", random.Random(0), max_length_ratio=2.0)
+    assert rec["status"] == TIE and "length control" in rec["reason"]
+    rec = judge_samples(stack(Lengthy()), ROW, texts, "best_vs_worst", random.Random(0), max_length_ratio=10.0)
+    assert rec["status"] == KEPT
+
+
+def test_unknown_plugin_name_names_the_entry_point_group():
+    with pytest.raises(JudgeLoadError, match="online_dpo.judges"):
+        validate_judge_target("not_registered_anywhere", {})

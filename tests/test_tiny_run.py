@@ -101,3 +101,33 @@ def test_changed_recipe_refuses_to_mix(finished_run):
     changed = dataclasses.replace(run.recipe, loss=dataclasses.replace(run.recipe.loss, beta=0.5))
     with pytest.raises(RecipeError, match="loss.beta"):
         Run(changed).execute()
+
+
+class AlwaysCrashes:
+    def score(self, row, completion):
+        raise RuntimeError("judge backend exploded")
+
+
+def test_crashing_judge_stops_past_the_failure_ceiling(tiny_model_dir, prompts_file, tmp_path):
+    from online_dpo.run import JudgeFailureError
+
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs",
+                            judge={"target": "tests.test_tiny_run:AlwaysCrashes", "retries": 0,
+                                   "max_failure_rate": 0.5})
+    run = Run(recipe_from_dict(data))
+    with pytest.raises(JudgeFailureError, match="judge failed on 4/4 prompts"):
+        run.execute()
+    judgments = (run.dir / "round_1" / "judgments.jsonl").read_text()
+    assert "judge backend exploded" in judgments
+    assert not (run.dir / "round_1" / "judge.json").exists()  # the step is not marked done
+
+
+def test_run_survives_a_round_without_pairs(tiny_model_dir, prompts_file, tmp_path):
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs",
+                            judge={"target": "tests.test_tiny_run:AlwaysCrashes", "retries": 0,
+                                   "max_failure_rate": 1.0})
+    run = Run(recipe_from_dict(data))
+    rows = run.execute()
+    assert [r["pairs_failed"] for r in rows] == [4, 4]
+    assert [r["train_pairs"] for r in rows] == [0, 0]
+    assert not (run.dir / "round_1" / "checkpoint").exists()

@@ -1,0 +1,41 @@
+"""Bias controls for pairwise judges: ask in both orders and treat disagreement as a tie."""
+
+from __future__ import annotations
+
+from judges.protocol import Judgment, Preference, Row
+
+_SWAP = {Preference.FIRST: Preference.SECOND, Preference.SECOND: Preference.FIRST}
+
+
+class BothOrders:
+    """Judge (a, b) and (b, a). A judge with position bias answers "first" both times; that
+    disagreement becomes a tie (or a failure), and the flip rate is recorded per round."""
+
+    def __init__(self, judge, disagreement: str = "tie"):
+        if disagreement not in ("tie", "failed"):
+            raise ValueError(f"disagreement must be 'tie' or 'failed', got {disagreement!r}")
+        self.inner = judge
+        self.disagreement = Preference.TIE if disagreement == "tie" else Preference.FAILED
+        self.compared = 0
+        self.flipped = 0
+
+    def judge(self, row: Row, first: str, second: str) -> Judgment:
+        forward = self.inner.judge(row, first, second)
+        if forward.preference == Preference.FAILED:
+            return forward
+        backward = self.inner.judge(row, second, first)
+        if backward.preference == Preference.FAILED:
+            return backward
+        backward_as_forward = _SWAP.get(backward.preference, backward.preference)
+        self.compared += 1
+        if backward_as_forward == forward.preference:
+            return forward
+        self.flipped += 1
+        return Judgment(self.disagreement,
+                        f"order-dependent: {forward.preference.value} in order AB, "
+                        f"{backward.preference.value} in order BA")
+
+    def pop_stats(self) -> dict:
+        stats = {"position_flip_rate": self.flipped / self.compared if self.compared else None}
+        self.compared = self.flipped = 0
+        return stats
