@@ -79,3 +79,9 @@ class PointwiseAsPairwise:
 
     def judge(self, row: Row, first: str, second: str) -> Judgment:
         return compare_scores(self.score(row, first), self.score(row, second), self.tie_margin)
+
+    def __getattr__(self, name: str):
+        # A batched scorer (a reward model) stays batched behind this wrapper.
+        if name == "score_batch":
+            return getattr(self.inner, name)
+        raise AttributeError(name)

@@ -113,6 +113,31 @@ class ReliableJudge:
             self.cache.put(key, value)
         return value, reason or ""
 
+    def score_many(self, row: Row, completions: list[str]) -> list[tuple[float | None, str]]:
+        """Scores for several completions of one prompt; one batched call when the judge has
+        `score_batch` (a reward model), else one call each."""
+        batch_fn = getattr(self.inner, "score_batch", None)
+        if batch_fn is None:
+            return [self.score(row, c) for c in completions]
+        keys = [cache_key(self.fingerprint, "score", row, c) for c in completions]
+        results: list[tuple[float | None, str]] = [(self.cache.get(k), "") for k in keys]
+        self.cache_hits += sum(v is not None for v, _ in results)
+        todo = [i for i, (v, _) in enumerate(results) if v is None]
+        if todo:
+            def validate(values):
+                if not isinstance(values, (list, tuple)) or len(values) != len(todo):
+                    raise TypeError(f"score_batch() returned {values!r}, not {len(todo)} scores")
+                return [_valid_score(v) for v in values]
+
+            values, reason = self._with_retries(batch_fn, validate, [(row, completions[i]) for i in todo])
+            for n, i in enumerate(todo):
+                if values is None:
+                    results[i] = (None, reason)
+                else:
+                    results[i] = (values[n], "")
+                    self.cache.put(keys[i], values[n])
+        return results
+
     def judge(self, row: Row, first: str, second: str) -> Judgment:
         key = cache_key(self.fingerprint, "judge", row, first, second)
         cached = self.cache.get(key)

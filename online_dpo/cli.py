@@ -22,6 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="start or resume a multi-round online DPO run")
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-5")
+    rm = sub.add_parser("train-rm", help="train a Bradley-Terry reward model from a pairs dataset")
+    rm.add_argument("pairs", help="prompt/chosen/rejected dataset: a run's round_<k>/pairs, jsonl, ...")
+    rm.add_argument("--base", default="smollm2", help="base model folder (default: embedded SmolLM2)")
+    rm.add_argument("--out", required=True, help="output folder for the reward model")
+    rm.add_argument("--epochs", type=int, default=2)
+    rm.add_argument("--lr", type=float, default=2e-5)
+    rm.add_argument("--batch-pairs", type=int, default=4)
+    rm.add_argument("--eval-fraction", type=float, default=0.2)
+    rm.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     from judges.loading import JudgeLoadError
@@ -29,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     from online_dpo.data import DatasetError
 
     try:
+        if args.command == "train-rm":
+            return _train_rm(args)
         recipe = load_recipe(args.recipe, args.overrides)
         from online_dpo.run import run_recipe
 
@@ -36,6 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DatasetError, JudgeLoadError, FileNotFoundError) as e:
         print(f"online-dpo: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _train_rm(args) -> int:
+    import json
+
+    from online_dpo.reward_training import train_reward_model
+
+    metrics = train_reward_model(args.pairs, args.base, args.out, epochs=args.epochs, lr=args.lr,
+                                 batch_pairs=args.batch_pairs, eval_fraction=args.eval_fraction,
+                                 seed=args.seed)
+    print(json.dumps(metrics, indent=2))
+    print(f"[online-dpo] reward model saved to {args.out}; held-out pair accuracy "
+          f"{metrics['held_out_accuracy']:.3f} (before training {metrics['held_out_accuracy_before']:.3f})")
     return 0
 
 

@@ -40,7 +40,7 @@ def judge_samples(judge, row: dict, texts: list[str], strategy: str, rng: random
 
 
 def _best_vs_worst_pointwise(judge, row, texts) -> dict[str, Any]:
-    results = [judge.score(row, t) for t in texts]
+    results = judge.score_many(row, texts)
     scores = [s for s, _ in results]
     valid = [k for k, s in enumerate(scores) if s is not None]
     if len(valid) < 2:

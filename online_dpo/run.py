@@ -235,9 +235,11 @@ class Run:
         longer = [len(rec["samples"][j["chosen"]]["text"].split())
                   > len(rec["samples"][j["rejected"]]["text"].split()) for rec, j in kept]
         stats = {}
-        for layer in (self.judge, getattr(self.judge, "inner", None)):
+        layer = self.judge  # BothOrders -> ReliableJudge -> the user's judge: each may keep stats
+        while layer is not None:
             if hasattr(layer, "pop_stats"):
                 stats.update(layer.pop_stats())
+            layer = getattr(layer, "inner", None)
         return {"pairs_kept": counts[KEPT], "pairs_tied": counts[TIE], "pairs_failed": counts[FAILED],
                 "judge_score": sum(scores) / len(scores) if scores else None,
                 # How often the judge preferred the longer response: the classic length bias.

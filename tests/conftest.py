@@ -9,11 +9,23 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, kill_at=None, cwd=None, env=None):
+    """The real `online-dpo` entry point in a subprocess (optionally SIGKILLed at a named point)."""
+    env = {**os.environ, **(env or {})}
+    env.pop("ONLINE_DPO_KILL_AT", None)
+    if kill_at:
+        env["ONLINE_DPO_KILL_AT"] = kill_at
+    return subprocess.run([sys.executable, "-m", "online_dpo.cli", *args], cwd=cwd or REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="session")

@@ -2,28 +2,20 @@
 result equals an uninterrupted run and that finished work was not redone."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, tiny_recipe_dict
+from tests.conftest import cli, tiny_recipe_dict
 
 COMPARED = ("loss", "accuracy", "reward_margin", "judge_score", "eval_judge_score",
             "kl_to_reference", "pairs_kept", "mean_length")
 
 
-def cli(recipe_path, *overrides, kill_at=None):
-    env = dict(os.environ)
-    env.pop("ONLINE_DPO_KILL_AT", None)
-    if kill_at:
-        env["ONLINE_DPO_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "online_dpo.cli", "run", str(recipe_path), *overrides],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def run_cli(recipe_path, *overrides, kill_at=None):
+    return cli("run", str(recipe_path), *overrides, kill_at=kill_at)
 
 
 def metrics(run_dir):
@@ -34,23 +26,23 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, prompts_file, tmp
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs")))
 
-    straight = cli(recipe, "name=straight")
+    straight = run_cli(recipe, "name=straight")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    killed = cli(recipe, "name=killed", kill_at="round_1/judge")
+    killed = run_cli(recipe, "name=killed", kill_at="round_1/judge")
     assert killed.returncode == -signal.SIGKILL
     round1 = tmp_path / "runs" / "killed" / "round_1"
     assert (round1 / "judge.json").exists() and not (round1 / "pairs.json").exists()
     sample_mtime = (round1 / "samples.jsonl").stat().st_mtime_ns
 
-    killed = cli(recipe, "name=killed", kill_at="round_2/train_step_1")
+    killed = run_cli(recipe, "name=killed", kill_at="round_2/train_step_1")
     assert killed.returncode == -signal.SIGKILL
     round2 = tmp_path / "runs" / "killed" / "round_2"
     assert (round2 / "pairs.json").exists() and not (round2 / "train.json").exists()
     assert not (round2 / "checkpoint").exists()
     assert (round1 / "samples.jsonl").stat().st_mtime_ns == sample_mtime  # never redone
 
-    resumed = cli(recipe, "name=killed")
+    resumed = run_cli(recipe, "name=killed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming: policy from round_1/checkpoint" in resumed.stdout
 
@@ -68,10 +60,10 @@ def test_cli_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nrounds: 2\njudge: {target: judges.rules:ConciseAnswerJudge}\n"
                    "data: {prompts: p.jsonl}\ntrain: {lerning_rate: 1}\n")
-    out = cli(bad)
+    out = run_cli(bad)
     assert out.returncode == 2 and "unknown key train.lerning_rate" in out.stderr
     missing_judge = tmp_path / "judge.yaml"
     missing_judge.write_text("name: x\nrounds: 2\njudge: {target: my_judges:Nope}\n"
                              "data: {prompts: p.jsonl}\n")
-    out = cli(missing_judge)
+    out = run_cli(missing_judge)
     assert out.returncode == 2 and "cannot import module 'my_judges'" in out.stderr

@@ -17,7 +17,7 @@ from online_dpo.engine import (
 from online_dpo.generation.base import SamplingSettings
 from online_dpo.trainer import Pair, batch_logps, collate, score_sequences
 from tests.conftest import REPO
-from tests.test_resume import cli
+from tests.test_resume import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -85,9 +85,9 @@ def test_real_cli_round_with_kill_and_resume(tmp_path):
     """The real entry point: SmolLM2, vLLM, one round killed after training, then resumed."""
     recipe = tmp_path / "real.yaml"
     recipe.write_text(yaml.safe_dump(real_recipe(tmp_path / "runs", rounds=2)))
-    killed = cli(recipe, kill_at="round_1/train")
+    killed = run_cli(recipe, kill_at="round_1/train")
     assert killed.returncode == -9, killed.stderr[-3000:]
-    out = cli(recipe)
+    out = run_cli(recipe)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "runs" / "real" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

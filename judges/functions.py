@@ -1,0 +1,60 @@
+"""Plain Python functions as judges, for verifiable tasks with a gold answer in the prompt row."""
+
+from __future__ import annotations
+
+import re
+
+from judges.protocol import Judgment, Preference, Row
+
+
+def _load_function(path: str):
+    from judges.loading import JudgeLoadError, resolve_target
+
+    fn = resolve_target(path)
+    if not callable(fn):
+        raise JudgeLoadError(f"function {path!r} is not callable")
+    return fn
+
+
+class PointwiseFunction:
+    """`function(row, completion) -> float`, named as "module:function"."""
+
+    def __init__(self, function: str):
+        self.function = _load_function(function)
+
+    def score(self, row: Row, completion: str) -> float:
+        return self.function(row, completion)
+
+
+class PairwiseFunction:
+    """`function(row, first, second) -> "first" | "second" | "tie"` (or a Preference/Judgment)."""
+
+    def __init__(self, function: str):
+        self.function = _load_function(function)
+
+    def judge(self, row: Row, first: str, second: str) -> Judgment:
+        answer = self.function(row, first, second)
+        if isinstance(answer, Judgment):
+            return answer
+        try:
+            preference = Preference(answer)
+        except ValueError:
+            raise ValueError(f"judge function returned {answer!r}; expected first/second/tie") from None
+        return Judgment(preference, f"function said {preference.value}")
+
+
+def _normalize(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+class GoldAnswerJudge:
+    """1.0 when the row's gold answer (column `column`) appears in the completion, else 0.0."""
+
+    def __init__(self, column: str = "answer"):
+        self.column = column
+
+    def score(self, row: Row, completion: str) -> float:
+        if self.column not in row:
+            raise KeyError(f"prompt row has no gold-answer column {self.column!r} (has {sorted(row)})")
+        gold = _normalize(str(row[self.column]))
+        return float(bool(gold) and f" {gold} " in f" {_normalize(completion)} ")

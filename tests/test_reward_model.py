@@ -1,0 +1,82 @@
+"""Reward-model judge and `online-dpo train-rm`, on real files and real models."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+from judges.reward_model import RewardModelJudge, format_for_reward_model
+from online_dpo.config import recipe_from_dict
+from online_dpo.data import DatasetError
+from online_dpo.reward_training import load_pairs
+from online_dpo.run import Run
+from tests.conftest import REPO, cli, tiny_recipe_dict
+
+RM_TEMPLATE = ("{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(smollm2_dir, tmp_path_factory):
+    """A tiny random reward model whose tokenizer has its *own* chat template."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer.chat_template = RM_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         head_dim=16, num_labels=1, pad_token_id=2)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-rm")
+    LlamaForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_reward_model_uses_its_own_chat_template(tiny_rm_dir):
+    judge = RewardModelJudge(str(tiny_rm_dir))
+    text = format_for_reward_model(judge.tokenizer, {"prompt": "Hi?"}, "Hello.")
+    assert text == "[USER] Hi?\n[ASSISTANT] Hello.\n"  # not the policy's <|im_start|> format
+    batch = judge.score_batch([({"prompt": "Hi?"}, "Hello."), ({"prompt": "Hi?"}, "Go away")])
+    assert len(batch) == 2 and batch[0] == pytest.approx(judge.score({"prompt": "Hi?"}, "Hello."), abs=1e-5)
+
+
+def test_reward_model_judge_in_a_run(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=1,
+                            judge={"target": "judges.reward_model:RewardModelJudge",
+                                   "kwargs": {"path": str(tiny_rm_dir), "batch_size": 4}})
+    rows = Run(recipe_from_dict(data)).execute()
+    assert rows[0]["pairs_kept"] == 4  # continuous scores: no ties
+    assert rows[0]["judge_calls"] == 4  # one batched call per prompt, not one per sample
+    assert rows[0]["judge_score"] is not None
+
+
+def test_pairs_errors_name_the_column_and_row(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "chosen": "a"}) + "\n")
+    with pytest.raises(DatasetError, match="missing column 'rejected'"):
+        load_pairs(str(path))
+    path.write_text(json.dumps({"prompt": "Hi", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "Hi", "chosen": "", "rejected": "b"}) + "\n")
+    with pytest.raises(DatasetError, match="row 1: column 'chosen' is empty"):
+        load_pairs(str(path))
+
+
+@pytest.mark.slow
+def test_trained_reward_model_agrees_with_the_runs_judge(tiny_model_dir, tmp_path):
+    """Pairs labelled by the rule judge in a real run; a SmolLM2 reward model trained on 70% of
+    them must agree with that judge on the held-out 30% well above chance (0.5)."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [json.loads(x) for x in (REPO / "recipes" / "data" / "prompts.jsonl").read_text().splitlines()]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
+    data = tiny_recipe_dict(tiny_model_dir, prompts, tmp_path / "runs", rounds=1,
+                            **{"data.prompts_per_round": 56, "generation.n": 4, "generation.max_tokens": 16})
+    Run(recipe_from_dict(data)).execute()
+    pairs = tmp_path / "runs" / "tiny" / "round_1" / "pairs"
+    out = tmp_path / "rm"
+    result = cli("train-rm", str(pairs), "--out", str(out), "--eval-fraction", "0.3", "--lr", "2e-5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "reward_model_metrics.json").read_text())
+    assert metrics["held_out_pairs"] >= 15
+    assert metrics["held_out_accuracy"] >= 0.75, metrics
+    # The saved folder is a judge: it must rank the held-out chosen answers the same way.
+    judge = RewardModelJudge(str(out))
+    assert judge.model.config.num_labels == 1
