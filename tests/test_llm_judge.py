@@ -1,0 +1,144 @@
+"""LLM-as-judge: strict verdict parsing, every HTTP fault against a real local server, API-key
+hygiene, and the real endpoint path against `vllm serve` of SmolLM2."""
+
+
+import pytest
+
+from judges.llm import LLMJudge, VerdictParseError, parse_verdict
+from judges.protocol import Preference
+from judges.reliable import ReliableJudge
+from online_dpo.config import recipe_from_dict
+from online_dpo.run import Run
+from tests.conftest import tiny_recipe_dict
+from tests.servers import ScriptedServer, VLLMServer, chat_reply, free_port
+
+ROW = {"prompt": "What is the capital of France?"}
+GOOD, BAD = "Paris is the capital of France.", "Bananas are yellow."
+SECRET = "sk-test-0123456789abcdef"
+
+
+@pytest.mark.parametrize("reply, expected", [("A", Preference.FIRST), (" b.\n", Preference.SECOND),
+                                             ("TIE", Preference.TIE), ("Verdict: A", Preference.FIRST),
+                                             ("Let me think.\nB", Preference.SECOND)])
+def test_parse_verdict(reply, expected):
+    assert parse_verdict(reply) == expected
+
+
+@pytest.mark.parametrize("reply", ["A: A is the", "Answer A is better", "", "C", "A or B"])
+def test_parse_verdict_is_strict(reply):
+    with pytest.raises(VerdictParseError):
+        parse_verdict(reply)
+
+
+def http_judge(url, **kwargs):
+    judge = LLMJudge(backend="http", model="m", base_url=url, **kwargs)
+    return ReliableJudge(judge, fingerprint="t", retries=2, backoff_s=0.01)
+
+
+@pytest.fixture
+def server():
+    servers = []
+
+    def make(script):
+        servers.append(ScriptedServer(script))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def test_recovers_from_5xx_and_429(server):
+    s = server([(500, b"oops", 0), (429, b"slow down", 0), (200, chat_reply("A"), 0)])
+    judgment = http_judge(s.url).judge(ROW, GOOD, BAD)
+    assert judgment.preference == Preference.FIRST and len(s.requests) == 3
+
+
+@pytest.mark.parametrize("status, needle", [(503, "HTTP 503 (server error)"), (429, "HTTP 429 (rate limited)")])
+def test_persistent_http_errors_become_failures(server, status, needle):
+    s = server([(status, b"nope", 0)])
+    judgment = http_judge(s.url).judge(ROW, GOOD, BAD)
+    assert judgment.preference == Preference.FAILED and needle in judgment.reason
+    assert len(s.requests) == 3  # bounded: 1 + 2 retries
+
+
+def test_malformed_json_and_unparseable_verdicts(server):
+    s = server([(200, b"{not json", 0)])
+    assert "malformed response" in http_judge(s.url).judge(ROW, GOOD, BAD).reason
+    s2 = server([(200, chat_reply("I think A is the better one"), 0)])
+    assert "unparseable verdict" in http_judge(s2.url).judge(ROW, GOOD, BAD).reason
+
+
+def test_slow_server_times_out(server):
+    s = server([(200, chat_reply("A"), 3.0)])
+    judgment = http_judge(s.url, timeout_s=0.3).judge(ROW, GOOD, BAD)
+    assert judgment.preference == Preference.FAILED and "timed out" in judgment.reason
+
+
+def test_connection_refused():
+    judgment = http_judge(f"http://127.0.0.1:{free_port()}/v1").judge(ROW, GOOD, BAD)
+    assert judgment.preference == Preference.FAILED and "cannot reach" in judgment.reason
+
+
+def test_api_key_is_sent_but_never_written(server, tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_API_KEY", SECRET)
+    s = server([(500, SECRET.encode(), 0), (200, chat_reply("A"), 0)])
+    judge = {"target": "judges.llm:LLMJudge", "retries": 1, "backoff_s": 0.01,
+             "kwargs": {"backend": "http", "model": "m", "base_url": s.url, "api_key_env": "JUDGE_API_KEY"}}
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", judge=judge, rounds=1,
+                            **{"generation.n": 2})
+    Run(recipe_from_dict(data)).execute()
+    assert s.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    for path in (tmp_path / "runs").rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".yaml", ".md"):
+            assert SECRET not in path.read_text(), path
+    # The server echoed the key in its 500 body; the failure reason must not repeat it.
+    reply = ReliableJudge(LLMJudge(backend="http", model="m", base_url=s.url, api_key_env="JUDGE_API_KEY"),
+                          fingerprint="x", retries=0)
+    s.script[:] = [(500, SECRET.encode(), 0)]
+    assert SECRET not in reply.judge(ROW, GOOD, BAD).reason
+
+
+def test_missing_api_key_env_is_a_clear_failure(server, monkeypatch):
+    monkeypatch.delenv("NOT_SET_KEY", raising=False)
+    s = server([(200, chat_reply("A"), 0)])
+    judgment = http_judge(s.url, api_key_env="NOT_SET_KEY").judge(ROW, GOOD, BAD)
+    assert "NOT_SET_KEY" in judgment.reason and not s.requests
+
+
+def test_template_must_have_its_fields():
+    with pytest.raises(ValueError, match="lacks {second}"):
+        LLMJudge(backend="http", model="m", base_url="http://127.0.0.1:1", template="{prompt} {first}")
+
+
+@pytest.mark.slow
+def test_real_vllm_serve_endpoint(smollm2_dir, tiny_model_dir, prompts_file, tmp_path):
+    server = VLLMServer(smollm2_dir)
+    try:
+        kwargs = {"backend": "http", "model": "smollm2", "base_url": server.url,
+                  # vLLM's structured outputs make even a 135M judge answer exactly A/B/TIE.
+                  "extra_body": {"structured_outputs": {"choice": ["A", "B", "TIE"]}}}
+        judge = LLMJudge(**kwargs)
+        verdicts = {judge.judge(ROW, GOOD, BAD).preference, judge.judge(ROW, BAD, GOOD).preference}
+        assert verdicts <= {Preference.FIRST, Preference.SECOND, Preference.TIE}
+        # A short real run judged by the served model, with both-orders bias control on.
+        data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=1,
+                                judge={"target": "judges.llm:LLMJudge", "kwargs": kwargs,
+                                       "both_orders": True, "max_failure_rate": 1.0},
+                                **{"generation.n": 2})
+        rows = Run(recipe_from_dict(data)).execute()
+        assert rows[0]["position_flip_rate"] is not None
+        assert rows[0]["pairs_failed"] == 0
+        judgments = (tmp_path / "runs" / "tiny" / "round_1" / "judgments.jsonl").read_text()
+        assert "LLM verdict" in judgments or "order-dependent" in judgments
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_local_transformers_backend_on_smollm2(smollm2_dir):
+    judge = ReliableJudge(LLMJudge(backend="transformers", model="smollm2"), fingerprint="l", retries=0)
+    judgment = judge.judge(ROW, GOOD, BAD)
+    # A 135M model without constrained decoding may not answer in the format: then the strict
+    # parse records a failure with the reply, instead of guessing.
+    assert judgment.decided or judgment.preference == Preference.TIE or "unparseable verdict" in judgment.reason
