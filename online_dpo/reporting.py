@@ -44,10 +44,8 @@ def round_metrics(round_dir: Path, k: int) -> dict:
         "tokens_per_second": summaries["sample"]["tokens_per_second"],
         "reference_source_round": summaries["reference"]["source_round"],
     }
-    for key in ("judge_prefers_longer", "position_flip_rate", "judge_calls", "judge_retries",
-                "judge_cache_hits"):
-        if key in judge:
-            metrics[key] = judge[key]
+    # Judge-layer statistics (flip rate, vote agreement, retries, cache hits, length preference).
+    metrics.update({key: v for key, v in judge.items() if key not in metrics and key != "seconds"})
     for key in ("loss", "accuracy", "chosen_reward", "rejected_reward", "reward_margin",
                 "grad_norm", "optimizer_steps", "train_pairs", "reference_logps_from"):
         metrics[key] = train.get(key)
