@@ -1,4 +1,10 @@
-"""`online-dpo run RECIPE.yaml key=value ...`: start or resume a run."""
+"""online-dpo: run (start or resume) a recipe, train a reward model, evaluate, compare runs.
+
+    online-dpo run RECIPE.yaml key=value ...
+    online-dpo train-rm PAIRS --out DIR
+    online-dpo eval runs/NAME [--against pi0 --against runs/OTHER]
+    online-dpo compare runs/A runs/B [--out DIR]
+"""
 
 from __future__ import annotations
 
@@ -31,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     rm.add_argument("--batch-pairs", type=int, default=4)
     rm.add_argument("--eval-fraction", type=float, default=0.2)
     rm.add_argument("--seed", type=int, default=0)
+    ev = sub.add_parser("eval", help="win rates, judge score, KL to pi0, length of a run's policy")
+    from online_dpo import eval_cli
+
+    eval_cli.add_arguments(ev)
+    cmp = sub.add_parser("compare", help="compare runs: markdown tables and PNG plots")
+    cmp.add_argument("runs", nargs="+", help="run directories")
+    cmp.add_argument("--out", default="runs/compare", help="folder for compare.md and the plots")
     args = parser.parse_args(argv)
 
     from judges.loading import JudgeLoadError
@@ -40,6 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train-rm":
             return _train_rm(args)
+        if args.command == "eval":
+            return eval_cli.main(args)
+        if args.command == "compare":
+            from online_dpo import compare
+
+            return compare.main([*args.runs, "--out", args.out])
         recipe = load_recipe(args.recipe, args.overrides)
         from online_dpo.run import run_recipe
 

@@ -73,6 +73,8 @@ class JudgeConfig:
 class PairsConfig:
     strategy: Literal["best_vs_worst", "random"] = "best_vs_worst"
     """best_vs_worst ranks all n samples by a pointwise judge; random judges one random pair."""
+    replay_ratio: float = 0.0
+    """Add this many earlier-round pairs per fresh pair (0.5: one old pair for every two new)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,9 @@ class LossConfig:
     """Use mean instead of summed token log-probs per sequence."""
     nll_weight: float = 0.0
     """Weight of an NLL term on the chosen completion (RPO-style)."""
+    target_kl: float | None = None
+    """Adaptive beta: after each round, move beta to keep KL-to-reference near this (nats)."""
+    beta_adapt_rate: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -102,9 +107,11 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    schedule: Literal["fixed", "swap"] = "swap"
-    """fixed: the reference stays pi_0. swap: the reference becomes the policy every `every` rounds."""
+    schedule: Literal["fixed", "swap", "ema"] = "swap"
+    """fixed: stays pi_0. swap: becomes the policy every `every` rounds. ema: every `every`
+    optimizer steps, ref <- alpha * policy + (1 - alpha) * ref (TR-DPO)."""
     every: int = 1
+    alpha: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,18 @@ class DataConfig:
     prompts_per_round: int = 16
     eval_prompts: int = 8
     """Held-out prompts (taken from the end of the file) scored after every round."""
+    pairs: str | None = None
+    """Offline mode: a prompt/chosen/rejected dataset. Unset: pairs are sampled once from pi_0."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    judge: JudgeConfig | None = None
+    """The judge for held-out evaluation; unset means the training judge. A different one
+    keeps a run from being graded by its own teacher."""
+    samples_per_prompt: int = 2
+    win_rate_vs_pi0: bool = True
+    """Judge held-out samples against pi_0's (both orders, ties count half) every round."""
 
 
 @dataclass(frozen=True)
@@ -123,6 +142,8 @@ class Recipe:
     rounds: int
     judge: JudgeConfig
     data: DataConfig
+    mode: Literal["online", "offline"] = "online"
+    """online: sample and judge fresh pairs each round. offline: train on a fixed dataset."""
     seed: int = 0
     output_dir: str = "runs"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -131,6 +152,9 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    keep_checkpoints: int | None = None
+    """Keep only the last N round checkpoints (plus the reference's); unset keeps all."""
 
     @property
     def run_dir(self) -> Path:
@@ -149,7 +173,12 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
             raise RecipeError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
         return value
     if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(args) < len(typing.get_args(tp)):
+            return None
+        if len(args) == 1:
+            return _check_value(key, value, args[0])
+        for arg in args:
             try:
                 return _check_value(key, value, arg)
             except RecipeError:
@@ -220,6 +249,7 @@ def _validate(obj: Any, prefix: str) -> None:
         ReferenceConfig: ["every"],
         DataConfig: ["prompts_per_round"],
         JudgeConfig: ["backoff_s"],
+        EvalConfig: ["samples_per_prompt"],
         LossConfig: ["beta"],
     }.get(type(obj), [])
     for name in positive:
@@ -239,6 +269,14 @@ def _validate(obj: Any, prefix: str) -> None:
             value = getattr(obj, name)
             if value is not None and value <= 0:
                 raise RecipeError(f"{prefix}.{name}: must be > 0, got {value}")
+    if isinstance(obj, ReferenceConfig) and not 0 < obj.alpha <= 1:
+        raise RecipeError(f"{prefix}.alpha: must be in (0, 1], got {obj.alpha}")
+    if isinstance(obj, LossConfig) and obj.target_kl is not None and obj.target_kl <= 0:
+        raise RecipeError(f"{prefix}.target_kl: must be > 0, got {obj.target_kl}")
+    if isinstance(obj, PairsConfig) and obj.replay_ratio < 0:
+        raise RecipeError(f"{prefix}.replay_ratio: must be >= 0, got {obj.replay_ratio}")
+    if isinstance(obj, Recipe) and obj.keep_checkpoints is not None and obj.keep_checkpoints < 1:
+        raise RecipeError(f"keep_checkpoints: must be >= 1, got {obj.keep_checkpoints}")
     if isinstance(obj, Recipe) and obj.generation.n < 2:
         raise RecipeError("generation.n: need at least 2 samples per prompt to form a pair")
 
@@ -283,12 +321,14 @@ def recipe_from_dict(data: dict, base_dir: Path | None = None) -> Recipe:
     recipe = _build(Recipe, data)
     if base_dir is not None:
         # Data paths in a recipe are relative to the recipe file, so recipes run from any cwd.
-        prompts = Path(recipe.data.prompts)
-        if not prompts.is_absolute() and not prompts.exists():
-            candidate = base_dir / prompts
+        for name in ("prompts", "pairs"):
+            value = getattr(recipe.data, name)
+            if value is None or Path(value).is_absolute() or Path(value).exists():
+                continue
+            candidate = base_dir / value
             if candidate.exists():
                 recipe = dataclasses.replace(
-                    recipe, data=dataclasses.replace(recipe.data, prompts=str(candidate))
+                    recipe, data=dataclasses.replace(recipe.data, **{name: str(candidate)})
                 )
     return recipe
 

@@ -57,6 +57,9 @@ class Models:
         self.device = self.accelerator.device
         self.policy = self.load(self.model_dir).train()
         self.reference = self.frozen_copy(self.policy)
+        # pi_0 stays for KL-to-pi_0 and win rates; a fixed reference *is* pi_0, so share it.
+        fixed = recipe.reference.schedule == "fixed"
+        self.pi0 = self.reference if fixed else self.frozen_copy(self.policy)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -104,11 +107,12 @@ class Models:
         return token_logps(logits, ids)[0, len(prompt) - 1:].float().cpu()
 
 
-def verify_engine(models: Models, generator: Generator, tolerance: float) -> float:
-    """Max per-token |engine - trainer| log-prob on the probe; raises past `tolerance`."""
+def verify_engine(models: Models, generator: Generator, tolerance: float, model=None) -> float:
+    """Max per-token |engine - trainer| log-prob on the probe; raises past `tolerance`.
+    `model` defaults to the policy; pass pi_0 to check a fresh engine before any sync."""
     prompt, completion = models.probe_ids()
     engine = torch.tensor(generator.score(prompt, completion))
-    trainer = models.trainer_probe_logps(models.policy)
+    trainer = models.trainer_probe_logps(models.policy if model is None else model)
     diff = (engine - trainer).abs().max().item()
     if not diff <= tolerance:  # also catches NaN
         raise WeightSyncError(

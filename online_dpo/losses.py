@@ -109,3 +109,26 @@ def sequence_logps(
     return summed
 
 
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    reference_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    beta: float,
+    kl: torch.Tensor,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 8) for unpaired completions with binary labels.
+
+    policy_logps, reference_logps: (B,) sequence log-probs; desirable: (B,) bool; kl: scalar
+    reference point z0 (a batch KL estimate; detached and clamped at 0 as in the paper).
+    Returns per-example losses and detached implicit rewards beta * (log pi - log ref).
+    """
+    logratio = policy_logps - reference_logps
+    z0 = kl.detach().clamp(min=0)
+    good = desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0)))
+    bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio)))
+    return torch.where(desirable, good, bad), (beta * logratio).detach()

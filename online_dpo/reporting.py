@@ -17,6 +17,8 @@ TABLE_COLUMNS = [
     ("accuracy", "pref. acc", "{:.2f}"),
     ("reward_margin", "margin", "{:.3f}"),
     ("kl_to_reference", "KL(ref)", "{:.3f}"),
+    ("kl_to_pi0", "KL(π0)", "{:.3f}"),
+    ("win_rate_vs_pi0", "win vs π0", "{:.2f}"),
     ("mean_length", "len", "{:.1f}"),
     ("eos_rate", "EOS", "{:.2f}"),
     ("pairs_kept", "kept", "{}"),
@@ -26,33 +28,40 @@ TABLE_COLUMNS = [
 ]
 
 
-def round_metrics(round_dir: Path, k: int) -> dict:
-    summaries = {p: read_json(round_dir / f"{p}.json") for p in PHASES}
-    samples = [s for rec in read_jsonl(round_dir / "samples.jsonl") for s in rec["samples"]]
-    train, judge = summaries["train"], summaries["judge"]
-    metrics = {
-        "round": k,
-        "judge_score": judge["judge_score"],
-        "mean_length": sum(s["num_tokens"] for s in samples) / len(samples),
-        "eos_rate": sum(s["finished"] for s in samples) / len(samples),
-        "pairs_kept": judge["pairs_kept"],
-        "pairs_tied": judge["pairs_tied"],
-        "pairs_failed": judge["pairs_failed"],
-        "pairs_dropped": judge["pairs_tied"] + judge["pairs_failed"],
-        "generation_seconds": summaries["sample"]["generation_seconds"],
-        "sampled_tokens": summaries["sample"]["sampled_tokens"],
-        "tokens_per_second": summaries["sample"]["tokens_per_second"],
-        "reference_source_round": summaries["reference"]["source_round"],
-    }
-    # Judge-layer statistics (flip rate, vote agreement, retries, cache hits, length preference).
-    metrics.update({key: v for key, v in judge.items() if key not in metrics and key != "seconds"})
-    for key in ("loss", "accuracy", "chosen_reward", "rejected_reward", "reward_margin",
+def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
+    summaries = {p: read_json(round_dir / f"{p}.json") for p in PHASES if (round_dir / f"{p}.json").exists()}
+    train, pairs = summaries["train"], summaries["pairs"]
+    metrics = {"round": k, "reference_source_round": summaries["reference"]["source_round"],
+               "pairs_kept": pairs["pairs"], "fresh_pairs": pairs.get("fresh_pairs"),
+               "replayed_pairs": pairs.get("replayed_pairs", 0)}
+    if "sample" in summaries:  # online round: fresh samples and their judgments
+        samples = [s for rec in read_jsonl(round_dir / "samples.jsonl") for s in rec["samples"]]
+        judge = summaries["judge"]
+        metrics.update({
+            "judge_score": judge["judge_score"],
+            "mean_length": sum(s["num_tokens"] for s in samples) / len(samples),
+            "eos_rate": sum(s["finished"] for s in samples) / len(samples),
+            "pairs_dropped": judge["pairs_tied"] + judge["pairs_failed"],
+            "prompts": summaries["sample"]["prompts"],
+            "generation_seconds": summaries["sample"]["generation_seconds"],
+            "sampled_tokens": summaries["sample"]["sampled_tokens"],
+            "tokens_per_second": summaries["sample"]["tokens_per_second"],
+        })
+        # Judge-layer statistics (flip rate, vote agreement, retries, cache hits, length preference).
+        metrics.update({key: v for key, v in judge.items() if key not in metrics and key != "seconds"})
+    else:  # offline: no fresh prompts; a one-time collection from pi_0 is charged to round 1
+        metrics.update(prompts=0, sampled_tokens=0)
+        collect = run_dir / "round_0" / "sample.json" if run_dir is not None else None
+        if k == 1 and collect is not None and collect.exists():
+            stats = read_json(collect)
+            metrics.update(prompts=stats["prompts"], sampled_tokens=stats["sampled_tokens"])
+    for key in ("loss", "accuracy", "chosen_reward", "rejected_reward", "reward_margin", "beta",
                 "grad_norm", "optimizer_steps", "train_pairs", "reference_logps_from"):
         metrics[key] = train.get(key)
     for key in ("sync_seconds", "probe_max_abs_diff"):
         metrics[key] = summaries["sync"].get(key)
     metrics.update({k2: v for k2, v in summaries["eval"].items() if k2 != "seconds"})
-    metrics["phase_seconds"] = {p: summaries[p]["seconds"] for p in PHASES}
+    metrics["phase_seconds"] = {p: s["seconds"] for p, s in summaries.items()}
     metrics["round_seconds"] = sum(metrics["phase_seconds"].values())
     return metrics
 
@@ -93,7 +102,7 @@ def plot_run(rows: list[dict], path: Path) -> None:
 
     rounds = [r["round"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(rounds, [r["judge_score"] for r in rows], "o-", label="fresh samples")
+    ax1.plot(rounds, [r.get("judge_score") for r in rows], "o-", label="fresh samples")
     ax1.plot(rounds, [r.get("eval_judge_score") for r in rows], "s--", label="held-out (after update)")
     ax1.set_xlabel("round")
     ax1.set_ylabel("mean judge score")

@@ -18,32 +18,14 @@ from tqdm.auto import tqdm
 
 from judges.reward_model import format_for_reward_model
 from online_dpo.artifacts import write_dir_atomic, write_json
-from online_dpo.data import DatasetError, load_local_dataset
-
-
-def _text(value, column: str, index: int, path: str) -> str:
-    """A completion given as a string or as a list of messages (the last one is the answer)."""
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        value = value[-1].get("content")
-    if not isinstance(value, str) or not value.strip():
-        raise DatasetError(f"{path}: row {index}: column {column!r} is empty or malformed: {value!r}")
-    return value
+from online_dpo.data import DatasetError
+from online_dpo.offline import load_preference_rows
 
 
 def load_pairs(path: str) -> list[dict]:
-    ds = load_local_dataset(path)
-    for column in ("prompt", "chosen", "rejected"):
-        if column not in ds.column_names:
-            raise DatasetError(f"{path}: missing column {column!r} (columns: {ds.column_names})")
-    pairs = []
-    for i, row in enumerate(ds.to_list()):
-        prompt = row["prompt"]
-        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-            raise DatasetError(f"{path}: row {i}: column 'prompt' is empty")
-        pairs.append({"row": {**row, "prompt": prompt},
-                      "chosen": _text(row["chosen"], "chosen", i, path),
-                      "rejected": _text(row["rejected"], "rejected", i, path)})
-    return pairs
+    if len(rows := load_preference_rows(path)) < 4:
+        raise DatasetError(f"{path}: {len(rows)} pairs is too few to train and hold some out")
+    return rows
 
 
 def _rewards(model, tokenizer, items, device, max_length) -> torch.Tensor:
@@ -73,8 +55,6 @@ def train_reward_model(pairs_path: str, base: str, out: str, *, epochs: int = 2,
     from online_dpo.models import default_device, resolve_model_path
 
     pairs = load_pairs(pairs_path)
-    if len(pairs) < 4:
-        raise DatasetError(f"{pairs_path}: {len(pairs)} pairs is too few to train and hold some out")
     rng = random.Random(seed)
     rng.shuffle(pairs)
     n_eval = max(1, int(len(pairs) * eval_fraction))

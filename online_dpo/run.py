@@ -3,11 +3,15 @@
 Every step writes its artifact atomically under runs/<name>/round_<k>/ and finishes by writing a
 small `<step>.json` summary. A step whose summary exists is done and is never redone, so
 `online-dpo run` on an interrupted run continues at the first missing artifact.
+
+Offline mode (`mode: offline`) trains the same way on a fixed dataset: either `data.pairs`, or
+pairs sampled and judged once from pi_0 in round_0/. Its rounds skip sample and judge.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -28,13 +32,19 @@ from online_dpo.artifacts import (
 from online_dpo.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from online_dpo.data import load_prompt_rows, split_prompts
 from online_dpo.engine import Models, build_generator, sync_and_verify, verify_engine
+from online_dpo.evaluation import kl_estimate, sample_records, sample_summary, win_rate
 from online_dpo.faults import maybe_kill
 from online_dpo.generation.base import SamplingSettings
+from online_dpo.offline import PAIR_COLUMNS, pair_columns_from_dataset, take_slice
 from online_dpo.pairs import FAILED, KEPT, TIE, judge_samples
 from online_dpo.reporting import finish_run, round_metrics
+from online_dpo.schedules import next_beta, soft_update
 from online_dpo.trainer import DPOTrainer, Pair, pair_sequences, score_sequences
 
-STEPS = ("sample", "judge", "pairs", "train", "sync", "eval", "reference")
+ONLINE_STEPS = ("sample", "judge", "pairs", "train", "sync", "eval", "reference")
+OFFLINE_STEPS = ("pairs", "train", "sync", "eval", "reference")
+STEPS = ONLINE_STEPS
+EMA = -1  # reference_round of an EMA reference: a blend, never equal to a sampling policy
 
 
 class JudgeFailureError(RuntimeError):
@@ -51,9 +61,8 @@ def check_resolved_recipe(recipe: Recipe, run_dir: Path) -> None:
     resolved = recipe_to_dict(recipe)
     if path.exists():
         previous = recipe_to_dict(recipe_from_dict(yaml.safe_load(path.read_text())))
-        changed = sorted(_diff_keys(previous, resolved))
         # More rounds is the one change that extends a run without invalidating finished work.
-        changed = [k for k in changed if k != "rounds"]
+        changed = [k for k in sorted(_diff_keys(previous, resolved)) if k != "rounds"]
         if changed:
             raise RecipeError(
                 f"{run_dir} was started with a different recipe (changed: {', '.join(changed)}); "
@@ -78,6 +87,7 @@ class Run:
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
         self.dir = recipe.run_dir
+        self.offline = recipe.mode == "offline"
 
     def round_dir(self, k: int) -> Path:
         return self.dir / f"round_{k}"
@@ -91,9 +101,15 @@ class Run:
         recipe = self.recipe
         # Cheap checks first: a bad judge or dataset fails before any model loads.
         self.judge, self.scorer = build_judge_stack(recipe.judge, self.dir / "judge_cache.jsonl")
+        eval_cfg = recipe.eval.judge or recipe.judge
+        self.eval_judge, self.eval_scorer = build_judge_stack(eval_cfg, self.dir / "eval_judge_cache.jsonl")
         self.train_rows, self.eval_rows = split_prompts(
             load_prompt_rows(recipe.data.prompts), recipe.data.eval_prompts
         )
+        if self.offline and recipe.data.pairs is not None:
+            from online_dpo.offline import load_preference_rows
+
+            load_preference_rows(recipe.data.pairs)  # validate columns before loading models
         self.dir.mkdir(parents=True, exist_ok=True)
         check_resolved_recipe(recipe, self.dir)
         if all((self.round_dir(k) / "metrics.json").exists() for k in range(1, recipe.rounds + 1)):
@@ -109,6 +125,13 @@ class Run:
                                          self.models.pad_id)
         self.engine_round = None  # set only by a verified sync
         try:
+            # pi_0 work first, while the fresh engine still holds pi_0's weights.
+            if recipe.eval.win_rate_vs_pi0 and not (self.round_dir(0) / "pi0_eval.json").exists():
+                self.sample_pi0_eval()
+            if self.offline and recipe.data.pairs is None:
+                for name, step in (("sample", self.sample), ("judge", self.judge_step),
+                                   ("pairs", self.select_pairs)):
+                    self.run_step(0, name, step)
             for k in range(1, recipe.rounds + 1):
                 if not (self.round_dir(k) / "metrics.json").exists():
                     self.run_round(k)
@@ -123,45 +146,59 @@ class Run:
                 return k
         return 0
 
+    def _load_into(self, model, folder: Path) -> None:
+        model.load_state_dict(self.models.load(folder).state_dict(), strict=True)
+
     def _restore_policy(self) -> int:
         k = self._latest_round_with("train.json")
         while k and not (self.round_dir(k) / "checkpoint").exists():
             k = self._latest_round_with("train.json", before=k)  # a round with no pairs
         if k:
             print(f"[online-dpo] resuming: policy from round_{k}/checkpoint", flush=True)
-            state = self.models.load(self.round_dir(k) / "checkpoint").state_dict()
-            self.models.policy.load_state_dict(state, strict=True)
+            self._load_into(self.models.policy, self.round_dir(k) / "checkpoint")
         return k
 
     def _restore_reference(self) -> int:
+        if self.recipe.reference.schedule == "ema":
+            # The EMA reference changes inside training; its latest state is saved with train.json.
+            k = self._latest_round_with("reference_checkpoint")
+            if k and (self.round_dir(k) / "train.json").exists():
+                self._load_into(self.models.reference, self.round_dir(k) / "reference_checkpoint")
+                return EMA
+            if self.policy_round:
+                self._load_into(self.models.reference, self.models.model_dir)
+            return 0
         k = self._latest_round_with("reference.json")
         source = read_json(self.round_dir(k) / "reference.json")["source_round"] if k else 0
-        if source:
-            ref = self.models.load(self.round_dir(source) / "checkpoint")
-            self.models.reference.load_state_dict(ref.state_dict(), strict=True)
+        if source > 0:
+            self._load_into(self.models.reference, self.round_dir(source) / "checkpoint")
         elif self.policy_round:
-            base = self.models.load(self.models.model_dir)
-            self.models.reference.load_state_dict(base.state_dict(), strict=True)
+            self._load_into(self.models.reference, self.models.model_dir)
         return source
 
     # ------------------------------------------------------------------ one round
+
+    def run_step(self, k: int, name: str, step) -> None:
+        if self.done(k, name):
+            return
+        t0 = time.perf_counter()
+        summary = step(k)
+        summary["seconds"] = time.perf_counter() - t0
+        write_json(self.round_dir(k) / f"{name}.json", summary)
+        maybe_kill(f"round_{k}/{name}")
 
     def run_round(self, k: int) -> None:
         steps = {"sample": self.sample, "judge": self.judge_step, "pairs": self.select_pairs,
                  "train": self.train, "sync": self.sync, "eval": self.evaluate,
                  "reference": self.update_reference}
-        for name in STEPS:
-            if self.done(k, name):
-                continue
-            t0 = time.perf_counter()
-            summary = steps[name](k)
-            summary["seconds"] = time.perf_counter() - t0
-            write_json(self.round_dir(k) / f"{name}.json", summary)
-            maybe_kill(f"round_{k}/{name}")
-        metrics = round_metrics(self.round_dir(k), k)
+        for name in OFFLINE_STEPS if self.offline else ONLINE_STEPS:
+            self.run_step(k, name, steps[name])
+        metrics = round_metrics(self.round_dir(k), k, self.dir)
         write_json(self.round_dir(k) / "metrics.json", metrics)
+        self.prune_checkpoints(k)
         print(f"[online-dpo] round {k}: " + ", ".join(
-            f"{key}={metrics[key]:.4g}" for key in ("judge_score", "loss", "accuracy", "kl_to_reference")
+            f"{key}={metrics[key]:.4g}" for key in ("judge_score", "loss", "accuracy", "kl_to_reference",
+                                                     "win_rate_vs_pi0")
             if isinstance(metrics.get(key), float)), flush=True)
 
     def ensure_engine_current(self) -> None:
@@ -175,42 +212,28 @@ class Run:
         self.engine_round = self.policy_round
 
     def prompts_for_round(self, k: int) -> list[tuple[int, dict]]:
-        """A seeded permutation of the training prompts, consumed in order and cycled."""
+        """A seeded permutation of the training prompts, consumed in order and cycled. Round 0
+        (offline collection from pi_0) takes the prompts of every round at once."""
         n, per = len(self.train_rows), self.recipe.data.prompts_per_round
         order = list(range(n))
         random.Random(self.recipe.seed).shuffle(order)
-        picks = [order[((k - 1) * per + i) % n] for i in range(per)]
-        return [(i, self.train_rows[i]) for i in picks]
+        start, count = ((k - 1) * per, per) if k else (0, per * self.recipe.rounds)
+        return [(order[(start + i) % n], self.train_rows[order[(start + i) % n]]) for i in range(count)]
 
     def _sample(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
         self.ensure_engine_current()
-        prompt_ids = [self.models.prompt_ids(r["prompt"]) for r in rows]
-        t0 = time.perf_counter()
-        outputs = self.generator.generate(prompt_ids, settings)
-        seconds = time.perf_counter() - t0
-        tokenizer = self.models.tokenizer
-        records, tokens = [], 0
-        for row, ids, completions in zip(rows, prompt_ids, outputs):
-            samples = []
-            for c in completions:
-                text = c.text or tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                tokens += len(c.token_ids)
-                samples.append({"text": text, "token_ids": c.token_ids, "finished": c.finished,
-                                "logp": float(sum(c.logprobs)), "num_tokens": len(c.token_ids)})
-            records.append({"row": row, "prompt_ids": ids, "samples": samples})
-        return records, {"generation_seconds": seconds, "sampled_tokens": tokens,
-                         "tokens_per_second": tokens / max(seconds, 1e-9),
-                         "policy_round": self.policy_round}
+        records, stats = sample_records(self.models, self.generator, rows, settings)
+        return records, {**stats, "policy_round": self.policy_round}
 
     def sample(self, k: int) -> dict:
         g = self.recipe.generation
         rows = self.prompts_for_round(k)
         settings = SamplingSettings(g.n, g.temperature, g.top_p, g.max_tokens, seed=self.recipe.seed * 100_003 + k)
         records, stats = self._sample([r for _, r in rows], settings)
-        for (index, _), rec in zip(rows, records):
+        for (index, _), rec in zip(rows, records, strict=True):
             rec["prompt_index"] = index
         write_jsonl(self.round_dir(k) / "samples.jsonl", records)
-        return stats
+        return {**stats, "prompts": len(rows)}
 
     def judge_step(self, k: int) -> dict:
         records = read_jsonl(self.round_dir(k) / "samples.jsonl")
@@ -231,7 +254,7 @@ class Run:
                 f"Judgments are in {self.round_dir(k) / 'judgments.jsonl'}"
             )
         scores = [s for j in judgments for s in (j["scores"] or []) if s is not None]
-        kept = [(rec, j) for rec, j in zip(records, judgments) if j["status"] == KEPT]
+        kept = [(rec, j) for rec, j in zip(records, judgments, strict=True) if j["status"] == KEPT]
         longer = [len(rec["samples"][j["chosen"]]["text"].split())
                   > len(rec["samples"][j["rejected"]]["text"].split()) for rec, j in kept]
         stats = {}
@@ -245,44 +268,79 @@ class Run:
                 # How often the judge preferred the longer response: the classic length bias.
                 "judge_prefers_longer": sum(longer) / len(longer) if longer else None, **stats}
 
-    def select_pairs(self, k: int) -> dict:
+    def _fresh_pairs(self, k: int) -> dict[str, list]:
         records = read_jsonl(self.round_dir(k) / "samples.jsonl")
         judgments = read_jsonl(self.round_dir(k) / "judgments.jsonl")
-        columns = {c: [] for c in ("prompt", "chosen", "rejected", "prompt_ids", "chosen_ids",
-                                   "rejected_ids", "chosen_sample_logp", "rejected_sample_logp",
-                                   "reason", "prompt_index")}
-        for rec, j in zip(records, judgments):
+        sampler_round = read_json(self.round_dir(k) / "sample.json")["policy_round"]
+        columns: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
+        for rec, j in zip(records, judgments, strict=True):
             if j["status"] != KEPT:
                 continue
             chosen, rejected = rec["samples"][j["chosen"]], rec["samples"][j["rejected"]]
             prompt = rec["row"]["prompt"]
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            columns["prompt"].append(messages)
-            columns["chosen"].append([{"role": "assistant", "content": chosen["text"]}])
-            columns["rejected"].append([{"role": "assistant", "content": rejected["text"]}])
+            columns["prompt"].append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+            for side, sample in (("chosen", chosen), ("rejected", rejected)):
+                columns[side].append([{"role": "assistant", "content": sample["text"]}])
+                columns[f"{side}_ids"].append(sample["token_ids"])
+                columns[f"{side}_sample_logp"].append(sample["logp"])
             columns["prompt_ids"].append(rec["prompt_ids"])
-            columns["chosen_ids"].append(chosen["token_ids"])
-            columns["rejected_ids"].append(rejected["token_ids"])
-            columns["chosen_sample_logp"].append(chosen["logp"])
-            columns["rejected_sample_logp"].append(rejected["logp"])
+            columns["sampler_round"].append(sampler_round)
+            columns["replay"].append(False)
             columns["reason"].append(j["reason"])
             columns["prompt_index"].append(rec["prompt_index"])
+        return columns
+
+    def select_pairs(self, k: int) -> dict:
+        if self.offline and k > 0:
+            if self.recipe.data.pairs is not None:
+                pool = pair_columns_from_dataset(self.recipe.data.pairs, self.models)
+            else:
+                pool = datasets.load_from_disk(str(self.round_dir(0) / "pairs")).to_dict()
+            per = self.recipe.data.prompts_per_round
+            columns = take_slice(pool, (k - 1) * per, per)
+        else:
+            columns = self._fresh_pairs(k)
+        fresh = len(columns["prompt"])
+        replayed = self._add_replay(k, columns) if k > 0 else 0
         if columns["prompt"]:  # datasets cannot reload a 0-row folder; pairs.json says 0 instead
             ds = datasets.Dataset.from_dict(columns)
             write_dir_atomic(self.round_dir(k) / "pairs", lambda tmp: ds.save_to_disk(str(tmp)))
-        return {"pairs": len(columns["prompt"])}
+        return {"pairs": len(columns["prompt"]), "fresh_pairs": fresh, "replayed_pairs": replayed}
+
+    def _add_replay(self, k: int, columns: dict[str, list]) -> int:
+        """Mix in earlier rounds' pairs (pairs.replay_ratio per fresh pair), seeded per round."""
+        want = round(self.recipe.pairs.replay_ratio * len(columns["prompt"]))
+        if want == 0:
+            return 0
+        old = [self.round_dir(j) / "pairs" for j in range(1, k) if (self.round_dir(j) / "pairs").exists()]
+        if not old:
+            return 0
+        pool = datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in old])
+        pool = pool.filter(lambda r: not r["replay"])  # replay only fresh pairs, never replays
+        picks = random.Random(self.recipe.seed * 131 + k).sample(range(len(pool)), min(want, len(pool)))
+        for row in pool.select(picks):
+            for c in PAIR_COLUMNS:
+                columns[c].append(True if c == "replay" else row[c])
+        return len(picks)
 
     def reference_logps(self, k: int, pairs: list[Pair], ds) -> tuple[torch.Tensor, torch.Tensor, str]:
-        sampler_round = read_json(self.round_dir(k) / "sample.json")["policy_round"]
+        """Reference log-probs; free for pairs sampled by the reference itself (vLLM returned them)."""
         sequences = pair_sequences(pairs)
-        if sampler_round == self.reference_round:
-            # The reference is the policy that sampled: vLLM already returned the reference's
-            # log-probs of these exact tokens (raw distribution). Check one pair, then reuse.
-            chosen = torch.tensor(ds["chosen_sample_logp"])
-            rejected = torch.tensor(ds["rejected_sample_logp"])
-            check = score_sequences(self.models.reference, [sequences[0], sequences[len(pairs)]],
+        n = len(pairs)
+        reuse = [r == self.reference_round and self.reference_round != EMA for r in ds["sampler_round"]]
+        chosen = torch.tensor(ds["chosen_sample_logp"])
+        rejected = torch.tensor(ds["rejected_sample_logp"])
+        forward = [i for i in range(n) if not reuse[i]]
+        if forward:
+            seqs = [sequences[i] for i in forward] + [sequences[n + i] for i in forward]
+            logps = score_sequences(self.models.reference, seqs, self.models.pad_id, self.models.device)
+            chosen[forward], rejected[forward] = logps[:len(forward)], logps[len(forward):]
+        if len(forward) < n:
+            # Check one reused pair against a real forward pass of the reference.
+            i = reuse.index(True)
+            check = score_sequences(self.models.reference, [sequences[i], sequences[n + i]],
                                     self.models.pad_id, self.models.device)
-            diff = (check - torch.stack([chosen[0], rejected[0]])).abs().max().item()
+            diff = (check - torch.stack([chosen[i], rejected[i]])).abs().max().item()
             # The probe tolerance is per token; these are sums over whole completions.
             tol = self.recipe.generation.probe_tolerance * max(len(s[1]) for s in sequences)
             if diff > tol:
@@ -290,29 +348,51 @@ class Run:
                     f"round {k}: sampling log-probs differ from the reference by {diff:.3g} "
                     f"(> {tol:g}) although the reference sampled them"
                 )
-            return chosen, rejected, "sampler"
-        logps = score_sequences(self.models.reference, sequences, self.models.pad_id, self.models.device)
-        return logps[:len(pairs)], logps[len(pairs):], "forward"
+        source = "forward" if len(forward) == n else "sampler" if not forward else "mixed"
+        return chosen, rejected, source
+
+    def current_beta(self, k: int) -> float:
+        """Adaptive beta is carried from round to round in eval.json, so resume reproduces it."""
+        if self.recipe.loss.target_kl is None or k <= 1:
+            return self.recipe.loss.beta
+        return read_json(self.round_dir(k - 1) / "eval.json")["beta_next"]
 
     def train(self, k: int) -> dict:
         if read_json(self.round_dir(k) / "pairs.json")["pairs"] == 0:
-            return {"skipped": "no pairs this round", "train_pairs": 0}
+            return {"skipped": "no pairs this round", "train_pairs": 0, "optimizer_steps": 0}
         ds = datasets.load_from_disk(str(self.round_dir(k) / "pairs"))
-        pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"])]
+        pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)]
         t0 = time.perf_counter()
         ref_c, ref_r, source = self.reference_logps(k, pairs, ds)
         ref_seconds = time.perf_counter() - t0
+        beta = self.current_beta(k)
+        on_step = self._ema_hook(k) if self.recipe.reference.schedule == "ema" else None
         metrics = self.trainer.train_round(pairs, ref_c, ref_r, seed=self.recipe.seed * 31 + k,
-                                           tag=f"round_{k}")
+                                           tag=f"round_{k}", beta=beta, on_step=on_step)
         policy = self.models.accelerator.unwrap_model(self.trainer.policy)
 
-        def save(tmp: Path) -> None:
-            policy.save_pretrained(tmp, safe_serialization=True)
-            self.models.tokenizer.save_pretrained(tmp)
+        def save(model):
+            def fill(tmp: Path) -> None:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.models.tokenizer.save_pretrained(tmp)
+            return fill
 
-        write_dir_atomic(self.round_dir(k) / "checkpoint", save)
+        if on_step is not None:
+            write_dir_atomic(self.round_dir(k) / "reference_checkpoint", save(self.models.reference))
+            self.reference_round = EMA
+        write_dir_atomic(self.round_dir(k) / "checkpoint", save(policy))
         self.policy_round = k
-        return {**metrics, "reference_seconds": ref_seconds, "reference_logps_from": source}
+        return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source}
+
+    def _ema_hook(self, k: int):
+        cfg = self.recipe.reference
+        before = sum(read_json(self.round_dir(j) / "train.json").get("optimizer_steps", 0) for j in range(1, k))
+        policy = self.models.accelerator.unwrap_model(self.trainer.policy)
+
+        def on_step(step: int) -> None:
+            if (before + step) % cfg.every == 0:
+                soft_update(self.models.reference, policy, cfg.alpha)
+        return on_step
 
     def sync(self, k: int) -> dict:
         if self.policy_round != k:
@@ -321,29 +401,41 @@ class Run:
         self.engine_round = k
         return result
 
+    def _eval_settings(self, seed_offset: int) -> SamplingSettings:
+        # Temperature 1, top_p 1: true policy samples, so the KL estimates are valid.
+        return SamplingSettings(self.recipe.eval.samples_per_prompt, 1.0, 1.0,
+                                self.recipe.generation.max_tokens, seed=self.recipe.seed * 100_003 + seed_offset)
+
+    def sample_pi0_eval(self) -> None:
+        """pi_0's held-out samples, judged against every later round's (round_0/)."""
+        verify_engine(self.models, self.generator, self.recipe.generation.probe_tolerance, self.models.pi0)
+        records, stats = sample_records(self.models, self.generator, self.eval_rows, self._eval_settings(50_000))
+        write_jsonl(self.round_dir(0) / "pi0_eval_samples.jsonl", records)
+        write_json(self.round_dir(0) / "pi0_eval.json",
+                   {**stats, **sample_summary(records, self.eval_scorer)})
+
     @torch.no_grad()
     def evaluate(self, k: int) -> dict:
-        """Held-out prompts sampled at temperature 1: judge score, length, EOS rate, and the
-        Monte-Carlo KL estimate E_y~pi[log pi(y) - log ref(y)] to the round's reference."""
-        g = self.recipe.generation
-        settings = SamplingSettings(2, 1.0, 1.0, g.max_tokens, seed=self.recipe.seed * 100_003 + 50_000)
-        records, stats = self._sample(self.eval_rows, settings)
-        sequences, policy_logps, scores = [], [], []
-        for rec in records:
-            for s in rec["samples"]:
-                sequences.append((rec["prompt_ids"], s["token_ids"]))
-                policy_logps.append(s["logp"])
-                scores.append(self.scorer.score(rec["row"], s["text"])[0] if self.scorer else None)
-        ref = score_sequences(self.models.reference, sequences, self.models.pad_id, self.models.device)
-        kl = (torch.tensor(policy_logps) - ref).mean().item()
-        samples = [s for rec in records for s in rec["samples"]]
-        valid = [s for s in scores if s is not None]
+        """Held-out prompts: eval-judge score, length, EOS rate, KL to the round's reference (before
+        any swap) and to pi_0, win rate against pi_0's samples, and adaptive beta's next value."""
+        records, stats = self._sample(self.eval_rows, self._eval_settings(50_000))
         write_jsonl(self.round_dir(k) / "eval_samples.jsonl", records)
-        return {"eval_judge_score": sum(valid) / len(valid) if valid else None,
-                "kl_to_reference": kl,
-                "eval_mean_length": sum(s["num_tokens"] for s in samples) / len(samples),
-                "eval_eos_rate": sum(s["finished"] for s in samples) / len(samples),
-                "eval_generation_seconds": stats["generation_seconds"]}
+        device, pad = self.models.device, self.models.pad_id
+        kl_ref = kl_estimate(records, self.models.reference, pad, device)
+        kl_pi0 = kl_ref if self.reference_round == 0 else kl_estimate(records, self.models.pi0, pad, device)
+        summary = sample_summary(records, self.eval_scorer)
+        result = {"eval_judge_score": summary["judge_score"], "eval_mean_length": summary["mean_length"],
+                  "eval_eos_rate": summary["eos_rate"], "kl_to_reference": kl_ref, "kl_to_pi0": kl_pi0,
+                  "eval_generation_seconds": stats["generation_seconds"]}
+        if self.recipe.eval.win_rate_vs_pi0:
+            pi0 = read_jsonl(self.round_dir(0) / "pi0_eval_samples.jsonl")
+            wins = win_rate(self.eval_judge, records, pi0)
+            result.update(win_rate_vs_pi0=wins["win_rate"], win_tie_rate_vs_pi0=wins["tie_rate"],
+                          win_failed_vs_pi0=wins["failed"])
+        loss = self.recipe.loss
+        if loss.target_kl is not None:
+            result["beta_next"] = next_beta(self.current_beta(k), kl_ref, loss.target_kl, loss.beta_adapt_rate)
+        return result
 
     def update_reference(self, k: int) -> dict:
         ref = self.recipe.reference
@@ -352,7 +444,17 @@ class Run:
             self.reference_round = k
         return {"source_round": self.reference_round, "schedule": ref.schedule}
 
+    def prune_checkpoints(self, k: int) -> None:
+        """keep_checkpoints: drop old policy checkpoints, never the latest N or the reference's."""
+        keep = self.recipe.keep_checkpoints
+        if keep is None:
+            return
+        for name in ("checkpoint", "reference_checkpoint"):
+            existing = [j for j in range(1, k + 1) if (self.round_dir(j) / name).exists()]
+            for j in existing[:-keep]:
+                if not (name == "checkpoint" and j == self.reference_round):
+                    shutil.rmtree(self.round_dir(j) / name)
+
 
 def run_recipe(recipe: Recipe) -> list[dict]:
     return Run(recipe).execute()
-

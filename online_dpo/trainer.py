@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,12 +82,14 @@ class DPOTrainer:
         return self.accelerator.device
 
     def train_round(self, pairs: Sequence[Pair], reference_chosen: torch.Tensor,
-                    reference_rejected: torch.Tensor, seed: int, tag: str = "") -> dict:
+                    reference_rejected: torch.Tensor, seed: int, tag: str = "",
+                    beta: float | None = None, on_step: Callable[[int], None] | None = None) -> dict:
         """One round of DPO on fresh pairs; returns metrics averaged over all micro-batches.
 
         Adam moments restart every round: each round is a new DPO problem against the current
         reference, and it makes a resumed round identical to an uninterrupted one.
         """
+        self.beta = self.loss_cfg.beta if beta is None else beta  # adaptive beta moves it per round
         self.optimizer.optimizer.state.clear()
         self.policy.train()
         cfg, per_step = self.cfg, self.cfg.micro_batch_pairs * self.cfg.grad_accum_steps
@@ -114,6 +116,8 @@ class DPOTrainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 step += 1
+                if on_step is not None:
+                    on_step(step)  # e.g. the EMA reference update
                 bar.update(1)
                 bar.set_postfix(loss=f"{totals['loss'] / micro_batches:.4f}")
                 maybe_kill(f"{tag}/train_step_{step}")
@@ -141,7 +145,7 @@ class DPOTrainer:
             ref_c, ref_r = ref_c / lengths[:n], ref_r / lengths[n:]
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             logps[:n], logps[n:], ref_c, ref_r,
-            beta=self.loss_cfg.beta, loss_type=self.loss_cfg.loss_type,
+            beta=self.beta, loss_type=self.loss_cfg.loss_type,
             label_smoothing=self.loss_cfg.label_smoothing,
         )
         loss = losses.mean()

@@ -1,0 +1,238 @@
+"""`online-dpo compare runs/A runs/B --out DIR`: side-by-side tables and plots for finished runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from online_dpo.artifacts import write_text_atomic
+
+BUDGET_KEYS = ("prompts", "train_pairs", "optimizer_steps", "sampled_tokens")
+FINAL_COLUMNS = [
+    ("win_rate_vs_pi0", "win vs π0"),
+    ("eval_judge_score", "eval score"),
+    ("kl_to_pi0", "KL(π0)"),
+    ("eval_mean_length", "eval len"),
+]
+ROUND_COLUMNS = [
+    ("win_rate_vs_pi0", "win"),
+    ("eval_judge_score", "score"),
+    ("kl_to_pi0", "KL"),
+    ("eval_mean_length", "len"),
+]
+
+
+def load_run(path) -> dict:
+    """Read a run directory's metrics.jsonl (required) and recipe.yaml (optional)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a run directory")
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ValueError(f"{path}: no metrics.jsonl — has the run finished a round?")
+    try:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{metrics}: bad JSON line: {e}") from e
+    if not rows:
+        raise ValueError(f"{path}: empty metrics.jsonl — has the run finished a round?")
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{metrics}: every line must be a JSON object")
+    for i, row in enumerate(rows, start=1):
+        if row.get("round") is None:
+            row["round"] = i
+    recipe = {}
+    recipe_path = path / "recipe.yaml"
+    if recipe_path.is_file():
+        try:
+            recipe = yaml.safe_load(recipe_path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{recipe_path}: invalid YAML: {e}") from e
+        if not isinstance(recipe, dict):
+            raise ValueError(f"{recipe_path}: expected a mapping")
+    return {"name": path.name or path.resolve().name, "path": path, "rows": rows, "recipe": recipe}
+
+
+def budgets(run: dict) -> dict:
+    """Totals over rounds of the budget keys (missing counts as 0), plus the number of rounds."""
+    data = run["recipe"].get("data")
+    per_round = data.get("prompts_per_round") if isinstance(data, dict) else None
+    totals = {key: 0 for key in BUDGET_KEYS}
+    for row in run["rows"]:
+        for key in BUDGET_KEYS:
+            value = row.get(key)
+            # Older runs never logged `prompts`; the recipe says how many each round drew.
+            if value is None and key == "prompts":
+                value = per_round
+            totals[key] += value or 0
+    totals["rounds"] = len(run["rows"])
+    return totals
+
+
+def budget_warnings(runs: list[dict]) -> list[str]:
+    """One warning per budget key whose totals are not the same in every run."""
+    totals = [(run["name"], budgets(run)) for run in runs]
+    lines = []
+    for key in BUDGET_KEYS:
+        if len({b[key] for _, b in totals}) > 1:
+            values = ", ".join(f"{name}={_fmt_int(b[key])}" for name, b in totals)
+            lines.append(f"WARNING: budgets differ in {key}: {values}")
+    return lines
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _fmt_int(value) -> str:
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.3f}"
+    return str(int(value))
+
+
+def _table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def markdown_tables(runs: list[dict]) -> str:
+    """A final-metrics table (one row per run) and a per-round table (one column group per run)."""
+    header = ["run", "rounds", *(title for _, title in FINAL_COLUMNS),
+              *(key.replace("_", " ") for key in BUDGET_KEYS)]
+    body = []
+    for run in runs:
+        last, totals = run["rows"][-1], budgets(run)
+        body.append([run["name"], str(totals["rounds"]),
+                     *(_fmt(last.get(key)) for key, _ in FINAL_COLUMNS),
+                     *(_fmt_int(totals[key]) for key in BUDGET_KEYS)])
+    final = _table(header, body)
+
+    by_round = [{row["round"]: row for row in run["rows"]} for run in runs]
+    rounds = sorted(set().union(*by_round))
+    header = ["round", *(f"{run['name']} {title}" for run in runs for _, title in ROUND_COLUMNS)]
+    body = [[str(k), *(_fmt(rows.get(k, {}).get(key)) for rows in by_round
+                       for key, _ in ROUND_COLUMNS)]
+            for k in rounds]
+    per_round = _table(header, body)
+    return f"## Final metrics\n\n{final}\n\n## Per round\n\n{per_round}\n"
+
+
+def _points(rows: list[dict], x_key: str, y_keys: tuple[str, ...]) -> list[tuple]:
+    """(x, y, round) for rows where x and the first non-None of `y_keys` exist."""
+    points = []
+    for row in rows:
+        x = row.get(x_key)
+        y = next((row.get(k) for k in y_keys if row.get(k) is not None), None)
+        if x is not None and y is not None:
+            points.append((x, y, row["round"]))
+    return points
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    tmp.replace(path)
+
+
+def plot_comparison(runs: list[dict], out_dir) -> list[Path]:
+    """Write win_rate.png, frontier.png and length.png into `out_dir`; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    specs = [
+        ("win_rate.png", "round", ("win_rate_vs_pi0",), "round", "win rate vs π0 (ties = ½)"),
+        ("frontier.png", "kl_to_pi0", ("eval_judge_score",), "KL to π0 (nats)",
+         "held-out judge score"),
+        ("length.png", "round", ("eval_mean_length", "mean_length"), "round",
+         "mean length (tokens)"),
+    ]
+    paths = []
+    for filename, x_key, y_keys, x_label, y_label in specs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        try:
+            for i, run in enumerate(runs):
+                points = _points(run["rows"], x_key, y_keys)
+                if not points:
+                    continue
+                xs, ys, _ = zip(*points)
+                # Fixed colour per run, so a run lacking one metric doesn't shift the others.
+                ax.plot(xs, ys, "o-", label=run["name"], color=f"C{i % 10}")
+                if filename == "frontier.png":
+                    for x, y, k in points:
+                        ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, 4),
+                                    fontsize=8)
+            if filename == "win_rate.png":
+                ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+            if x_key == "round":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel(x_label)
+            ax.set_ylabel(y_label)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+            fig.tight_layout()
+            path = out_dir / filename
+            _save(fig, path)
+            paths.append(path)
+        finally:
+            plt.close(fig)
+    return paths
+
+
+def compare(paths, out_dir) -> str:
+    """Load at least two runs, write plots and compare.md into `out_dir`, return the markdown."""
+    # Keyed by the resolved path so `runs/A` and `./runs/A/` count once; messages keep the given one.
+    unique: dict[Path, Path] = {}
+    for p in paths:
+        unique.setdefault(Path(p).resolve(), Path(p))
+    if len(unique) < 2:
+        raise ValueError("need at least two distinct run directories to compare")
+    runs = [load_run(p) for p in unique.values()]
+    names = [run["name"] for run in runs]
+    if len(set(names)) < len(names):
+        # Column titles are keyed by name, so same-named runs from different folders need paths.
+        for run in runs:
+            run["name"] = str(run["path"])
+    out_dir = Path(out_dir)
+    plots = plot_comparison(runs, out_dir)
+    parts = ["# Run comparison\n"]
+    warnings = budget_warnings(runs)
+    if warnings:
+        parts.append("\n".join(f"- {w}" for w in warnings) + "\n")
+    parts.append(markdown_tables(runs))
+    parts.append("## Plots\n\n" + "\n".join(f"- ![{p.stem}]({p.name})" for p in plots) + "\n")
+    markdown = "\n".join(parts)
+    write_text_atomic(out_dir / "compare.md", markdown)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="online-dpo compare", description=__doc__)
+    parser.add_argument("runs", nargs="+", help="run directories, e.g. runs/A runs/B")
+    parser.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    args = parser.parse_args(argv)
+    try:
+        markdown = compare(args.runs, args.out)
+    except ValueError as e:
+        print(f"online-dpo compare: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
