@@ -52,3 +52,25 @@ class ConciseAnswerJudge:
         wanted = topic_words(prompt_text(row))
         on_topic = 1.0 if wanted & topic_words(completion) else 0.0
         return brevity + ending + on_topic
+
+
+class InformativeAnswerJudge:
+    """A held-out evaluation rule, deliberately unlike ConciseAnswerJudge (it has no length bonus):
+
+    score = on_topic + complete + diversity, in [0, 3]:
+      on_topic  = share of the prompt's content words the answer uses (capped at 1)
+      complete  = 1 if the answer has at least `min_words` words and ends a sentence, else 0
+      diversity = distinct words / words (repetition and degenerate loops score low)
+    """
+
+    def __init__(self, min_words: int = 8):
+        self.min_words = min_words
+
+    def score(self, row: dict, completion: str) -> float:
+        words = completion.lower().split()
+        if not words:
+            return 0.0
+        wanted = topic_words(prompt_text(row))
+        on_topic = len(wanted & topic_words(completion)) / len(wanted) if wanted else 0.0
+        complete = float(len(words) >= self.min_words and bool(_SENTENCE_END.search(completion)))
+        return min(on_topic, 1.0) + complete + len(set(words)) / len(words)

