@@ -38,7 +38,8 @@ FLOPS_FORMULA = (
     "checked pair when 'sampler'); "
     "train FLOP/s = train FLOPs / train_seconds; "
     "train+ref FLOP/s = (train FLOPs + reference FLOPs) / (train_seconds + reference_seconds); "
-    "fraction = FLOP/s / fp32 matmul FLOP/s (best of the per-size medians, same process)"
+    "fraction = FLOP/s / fp32 matmul FLOP/s (the best per-size median, measured in this process "
+    "before and after the run with the same thread settings)"
 )
 
 
@@ -111,7 +112,8 @@ class RoundWatcher(threading.Thread):
         for k in range(1, self.rounds + 1):
             if k not in self.seen and (self.run_dir / f"round_{k}" / "metrics.json").exists():
                 self.seen[k] = {"peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                                "rss_kib": current_rss_kib(), "at": time.perf_counter()}
+                                "rss_kib": current_rss_kib(), "at": time.perf_counter(),
+                                "load_average": os.getloadavg()[0]}
 
     def run(self) -> None:
         while not self.stop.wait(self.interval):
@@ -181,6 +183,7 @@ def main(argv=None) -> int:
     from online_dpo.run import Run
 
     matmul_before = matmul_throughput(sizes, args.matmul_reps)
+    load_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="round_bench_"))
     recipe = load_recipe(args.recipe, [f"rounds={args.rounds}", *args.overrides,
                                        "name=bench", f"output_dir={tmp}"])
@@ -198,7 +201,9 @@ def main(argv=None) -> int:
 
         # Same process, same thread settings as training (after vLLM's in-process import).
         matmul_after = matmul_throughput(sizes, args.matmul_reps)
-        peak_flops = matmul_after["peak_flops_per_second"]
+        # The best of both: on a shared machine a busy neighbour only ever lowers the figure.
+        peak_flops = max(matmul_before["peak_flops_per_second"],
+                         matmul_after["peak_flops_per_second"])
         n_params = sum(p.numel() for p in run.models.policy.parameters())
         rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()
                 if line.strip()]
@@ -235,6 +240,7 @@ def main(argv=None) -> int:
                                         if "peak_rss_kib" in rss else None),
                 "rss_gib_at_round_end": (gib_from_kib(rss["rss_kib"])
                                          if rss.get("rss_kib") is not None else None),
+                "load_average_1min_at_round_end": rss.get("load_average"),
                 "train_seconds": train_s,
                 "reference_seconds": ref_s,
                 "reference_logps_from": fl.get("reference_logps_from"),
@@ -268,8 +274,11 @@ def main(argv=None) -> int:
     print(f"round_bench: {args.recipe} rounds={recipe.rounds} overrides={args.overrides or '[]'}")
     print(f"torch threads {torch.get_num_threads()}, OMP_NUM_THREADS="
           f"{os.environ.get('OMP_NUM_THREADS')}, cpus {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.2f} (at end)")
+          f"1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end, per "
+          f"round end: {[_round2(r['load_average_1min_at_round_end']) for r in rounds]}")
     print("NOTE: one run on a shared, noisy machine; ratios measured in this run, not assertions.")
+    print("Round 1 is a warm-up (its sample phase includes the fresh engine's probe); medians "
+          "exclude it.")
     print(f"execute() wall {wall:.1f} s (incl. model load + engine start + reports); "
           f"sum of round seconds {sum(r['round_seconds'] for r in rounds):.1f} s")
     print()
@@ -304,10 +313,15 @@ def main(argv=None) -> int:
           " (includes the in-process vLLM engine and its KV cache)")
     print()
     print("Training FLOP/s vs fp32 matmul in this process")
-    for label, mm in (("before run", matmul_before), ("after run (used)", matmul_after)):
+    for label, mm in (("before run", matmul_before), ("after run", matmul_after)):
         per = ", ".join(f"{n}: {v['flops_per_second'] / 1e9:.1f}" for n, v in mm["sizes"].items())
         print(f"  matmul GFLOP/s {label}, {mm['threads']} threads: {per} "
               f"(median of {args.matmul_reps}; peak {mm['peak_flops_per_second'] / 1e9:.1f})")
+    print(f"  denominator: {peak_flops / 1e9:.1f} GFLOP/s (best of the above)")
+    lo = min(matmul_before["peak_flops_per_second"], matmul_after["peak_flops_per_second"])
+    if lo < 0.75 * peak_flops:
+        print("  WARNING: matmul throughput changed by more than 25% between before and after the "
+              "run: the machine's load changed; FLOP/s fractions are unreliable.")
     print(f"  n_params (policy, tied weights counted once) = {n_params:,}")
     print(f"  formula: {FLOPS_FORMULA}")
     print(f"{'round':>5} {'ref from':>9} {'T_train':>8} {'T_ref':>6} {'train s':>8} {'ref s':>7} "
@@ -340,7 +354,8 @@ def main(argv=None) -> int:
         "note": "one run on a shared, noisy machine; ratios, not assertions",
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg(),
+        "cpu_count": os.cpu_count(), "load_average_start": load_start,
+        "load_average_end": os.getloadavg(), "matmul_peak_used": peak_flops,
         "execute_wall_seconds": wall, "n_params": n_params, "flops_formula": FLOPS_FORMULA,
         "matmul_before_run": matmul_before, "matmul_after_run": matmul_after,
         "peak_rss_gib": gib_from_kib(final_peak_kib),
@@ -357,6 +372,10 @@ def main(argv=None) -> int:
 
 def _g(value: float | None) -> float | None:
     return None if value is None else value / 1e9
+
+
+def _round2(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
 
 
 def pct(value: float | None) -> float | None:

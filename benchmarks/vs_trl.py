@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which side is A in the A B A B order")
     p.add_argument("--model", default=None,
                    help="HF model folder (default: the embedded SmolLM2, converted once)")
+    p.add_argument("--ours-source", default=None,
+                   help="measure the online_dpo/ and judges/ in this folder instead of this repo's "
+                        "working tree (e.g. a `git archive HEAD | tar -x -C DIR` export)")
     p.add_argument("--json", default=None, help="also write every number to this JSON file")
     p.add_argument("--logs", default=None, help="folder for each run's stdout/stderr "
                                                 "(default: a new temp folder)")
@@ -60,7 +63,8 @@ def worker_command(side: str, args, model: str) -> list[str]:
             "--micro-batch", str(args.micro_batch), "--grad-accum", str(args.grad_accum),
             "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
             "--top-p", str(args.top_p), "--beta", str(args.beta), "--lr", str(args.lr),
-            "--seed", str(args.seed)]
+            "--seed", str(args.seed)] + (
+                ["--source", args.ours_source] if side == "ours" and args.ours_source else [])
 
 
 def run_side(side: str, index: int, args, model: str, logs: Path) -> dict:

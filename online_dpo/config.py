@@ -80,13 +80,19 @@ class PairsConfig:
 @dataclass(frozen=True)
 class LossConfig:
     beta: float = 0.1
-    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "kto"] = "sigmoid"
+    """kto trains on single completions labelled good/bad (from a pointwise judge's score
+    against `kto_threshold`, or from a dataset's `label` column) instead of pairs."""
     label_smoothing: float = 0.0
     """cDPO: the assumed probability that a label is flipped (robust / sigmoid)."""
     length_normalize: bool = False
     """Use mean instead of summed token log-probs per sequence."""
     nll_weight: float = 0.0
     """Weight of an NLL term on the chosen completion (RPO-style)."""
+    kto_threshold: float | None = None
+    """KTO: a score >= threshold is desirable. Unset: above its prompt's mean score (equal: dropped)."""
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
     target_kl: float | None = None
     """Adaptive beta: after each round, move beta to keep KL-to-reference near this (nats)."""
     beta_adapt_rate: float = 0.5

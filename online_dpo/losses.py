@@ -19,10 +19,16 @@ class LossType(str, Enum):
     IPO = "ipo"  # Azar et al. 2023, eq. 17
     HINGE = "hinge"  # SLiC, Zhao et al. 2023
     ROBUST = "robust"  # cDPO / robust DPO, Chowdhury et al. 2024
+    KTO = "kto"  # Ethayarajh et al. 2024: unpaired good/bad labels, see kto_loss
 
     @property
     def needs_reference_model(self) -> bool:
         return True
+
+    @property
+    def paired(self) -> bool:
+        """Trains on (chosen, rejected) pairs; KTO trains on single labelled completions."""
+        return self is not LossType.KTO
 
 
 def _sigmoid(logits: torch.Tensor, beta: float, label_smoothing: float) -> torch.Tensor:
@@ -74,6 +80,8 @@ def dpo_loss(
     logits = (pi_c - pi_r) - (ref_c - ref_r); the implicit reward of a completion is
     beta * (log pi(y|x) - log ref(y|x)) (DPO paper, section 5).
     """
+    if not LossType(loss_type).paired:
+        raise ValueError(f"{loss_type} is not a pairwise loss; use kto_loss")
     loss_fn = _LOSSES[LossType(loss_type)]
     logits = (policy_chosen_logps - policy_rejected_logps) - (
         reference_chosen_logps - reference_rejected_logps

@@ -70,3 +70,34 @@ def take_slice(columns: dict[str, list], start: int, count: int) -> dict[str, li
     n = len(columns["prompt"])
     idx = [(start + i) % n for i in range(min(count, n))]
     return {c: [columns[c][i] for i in idx] for c in columns}
+
+
+EXAMPLE_COLUMNS = ("prompt", "completion", "label", "prompt_ids", "completion_ids", "sample_logp",
+                   "sampler_round", "score", "prompt_index")
+
+
+def example_columns_from_dataset(path: str, models) -> dict[str, list]:
+    """A KTO dataset: `prompt`, `completion` (string or messages) and a boolean `label`."""
+    ds = load_local_dataset(path)
+    for column in ("prompt", "completion", "label"):
+        if column not in ds.column_names:
+            raise DatasetError(f"{path}: missing column {column!r} (columns: {ds.column_names})")
+    columns: dict[str, list] = {c: [] for c in EXAMPLE_COLUMNS}
+    eos = models.tokenizer.eos_token_id
+    for i, row in enumerate(ds.to_list()):
+        if not isinstance(row["label"], bool):
+            raise DatasetError(f"{path}: row {i}: column 'label' must be true/false, got {row['label']!r}")
+        text = completion_text(row["completion"], "completion", i, path)
+        prompt = row["prompt"]
+        if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+            raise DatasetError(f"{path}: row {i}: column 'prompt' is empty")
+        columns["prompt"].append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+        columns["completion"].append([{"role": "assistant", "content": text}])
+        columns["label"].append(row["label"])
+        columns["prompt_ids"].append(models.prompt_ids(prompt))
+        columns["completion_ids"].append(models.tokenizer(text, add_special_tokens=False).input_ids + [eos])
+        columns["sample_logp"].append(0.0)
+        columns["sampler_round"].append(-1)
+        columns["score"].append(None)
+        columns["prompt_index"].append(i)
+    return columns

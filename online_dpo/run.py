@@ -35,11 +35,19 @@ from online_dpo.engine import Models, build_generator, sync_and_verify, verify_e
 from online_dpo.evaluation import kl_estimate, sample_records, sample_summary, win_rate
 from online_dpo.faults import maybe_kill
 from online_dpo.generation.base import SamplingSettings
-from online_dpo.offline import PAIR_COLUMNS, pair_columns_from_dataset, take_slice
+from online_dpo.losses import LossType
+from online_dpo.offline import (
+    EXAMPLE_COLUMNS,
+    PAIR_COLUMNS,
+    example_columns_from_dataset,
+    load_preference_rows,
+    pair_columns_from_dataset,
+    take_slice,
+)
 from online_dpo.pairs import FAILED, KEPT, TIE, judge_samples
 from online_dpo.reporting import finish_run, round_metrics
 from online_dpo.schedules import next_beta, soft_update
-from online_dpo.trainer import DPOTrainer, Pair, pair_sequences, score_sequences
+from online_dpo.trainer import DPOTrainer, Example, Pair, pair_sequences, score_sequences
 
 ONLINE_STEPS = ("sample", "judge", "pairs", "train", "sync", "eval", "reference")
 OFFLINE_STEPS = ("pairs", "train", "sync", "eval", "reference")
@@ -106,9 +114,11 @@ class Run:
         self.train_rows, self.eval_rows = split_prompts(
             load_prompt_rows(recipe.data.prompts), recipe.data.eval_prompts
         )
-        if self.offline and recipe.data.pairs is not None:
-            from online_dpo.offline import load_preference_rows
-
+        self.kto = not LossType(recipe.loss.loss_type).paired
+        if self.kto and self.scorer is None and not (self.offline and recipe.data.pairs):
+            raise RecipeError("loss.loss_type: kto labels samples by score; judge "
+                              f"{recipe.judge.target} is not a pointwise judge")
+        if self.offline and recipe.data.pairs is not None and not self.kto:
             load_preference_rows(recipe.data.pairs)  # validate columns before loading models
         self.dir.mkdir(parents=True, exist_ok=True)
         check_resolved_recipe(recipe, self.dir)
@@ -241,7 +251,9 @@ class Run:
         judgments = []
         for rec in tqdm(records, desc=f"round {k} judge", leave=False):
             texts = [s["text"] for s in rec["samples"]]
-            judgments.append(judge_samples(self.judge, rec["row"], texts, self.recipe.pairs.strategy,
+            # KTO labels every sample by its score, so every sample must be scored.
+            strategy = "best_vs_worst" if self.kto else self.recipe.pairs.strategy
+            judgments.append(judge_samples(self.judge, rec["row"], texts, strategy,
                                            rng, self.recipe.judge.max_length_ratio))
         write_jsonl(self.round_dir(k) / "judgments.jsonl", judgments)
         counts = {s: sum(j["status"] == s for j in judgments) for s in (KEPT, TIE, FAILED)}
@@ -290,10 +302,57 @@ class Run:
             columns["prompt_index"].append(rec["prompt_index"])
         return columns
 
+    def _fresh_examples(self, k: int) -> dict[str, list]:
+        """KTO: every scored sample is an example, desirable above the threshold (or above its
+        prompt's mean score when no threshold is set; samples at the mean are dropped)."""
+        records = read_jsonl(self.round_dir(k) / "samples.jsonl")
+        judgments = read_jsonl(self.round_dir(k) / "judgments.jsonl")
+        sampler_round = read_json(self.round_dir(k) / "sample.json")["policy_round"]
+        threshold = self.recipe.loss.kto_threshold
+        columns: dict[str, list] = {c: [] for c in EXAMPLE_COLUMNS}
+        for rec, j in zip(records, judgments, strict=True):
+            scored = [(s, v) for s, v in zip(rec["samples"], j["scores"] or [], strict=False) if v is not None]
+            if not scored:
+                continue
+            cut = threshold if threshold is not None else sum(v for _, v in scored) / len(scored)
+            for sample, score in scored:
+                if threshold is None and score == cut:
+                    continue
+                prompt = rec["row"]["prompt"]
+                columns["prompt"].append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+                columns["completion"].append([{"role": "assistant", "content": sample["text"]}])
+                columns["label"].append(score >= cut)
+                columns["prompt_ids"].append(rec["prompt_ids"])
+                columns["completion_ids"].append(sample["token_ids"])
+                columns["sample_logp"].append(sample["logp"])
+                columns["sampler_round"].append(sampler_round)
+                columns["score"].append(score)
+                columns["prompt_index"].append(rec["prompt_index"])
+        return columns
+
+    def _select_examples(self, k: int) -> dict:
+        if self.offline and self.recipe.data.pairs is not None:
+            if not hasattr(self, "_offline_pool"):
+                self._offline_pool = example_columns_from_dataset(self.recipe.data.pairs, self.models)
+            per = 2 * self.recipe.data.prompts_per_round
+            columns = take_slice(self._offline_pool, (k - 1) * per, per)
+        else:
+            columns = self._fresh_examples(k)
+        if columns["prompt"]:
+            ds = datasets.Dataset.from_dict(columns)
+            write_dir_atomic(self.round_dir(k) / "pairs", lambda tmp: ds.save_to_disk(str(tmp)))
+        desirable = sum(columns["label"])
+        return {"pairs": len(columns["prompt"]), "examples": len(columns["prompt"]),
+                "desirable": desirable, "undesirable": len(columns["label"]) - desirable}
+
     def select_pairs(self, k: int) -> dict:
+        if self.kto:
+            return self._select_examples(k)
         if self.offline and k > 0:
             if self.recipe.data.pairs is not None:
-                pool = pair_columns_from_dataset(self.recipe.data.pairs, self.models)
+                if not hasattr(self, "_offline_pool"):  # tokenize the dataset once per process
+                    self._offline_pool = pair_columns_from_dataset(self.recipe.data.pairs, self.models)
+                pool = self._offline_pool
             elif (self.round_dir(0) / "pairs").exists():
                 pool = datasets.load_from_disk(str(self.round_dir(0) / "pairs")).to_dict()
             else:
@@ -364,6 +423,8 @@ class Run:
         if read_json(self.round_dir(k) / "pairs.json")["pairs"] == 0:
             return {"skipped": "no pairs this round", "train_pairs": 0, "optimizer_steps": 0}
         ds = datasets.load_from_disk(str(self.round_dir(k) / "pairs"))
+        if self.kto:
+            return self._train_kto(k, ds)
         pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)]
         t0 = time.perf_counter()
         ref_c, ref_r, source = self.reference_logps(k, pairs, ds)
@@ -372,20 +433,42 @@ class Run:
         on_step = self._ema_hook(k) if self.recipe.reference.schedule == "ema" else None
         metrics = self.trainer.train_round(pairs, ref_c, ref_r, seed=self.recipe.seed * 31 + k,
                                            tag=f"round_{k}", beta=beta, on_step=on_step)
-        policy = self.models.accelerator.unwrap_model(self.trainer.policy)
+        self._save_checkpoints(k, ema=on_step is not None)
+        return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source}
 
+    def _train_kto(self, k: int, ds) -> dict:
+        examples = [Example(p, c, bool(label)) for p, c, label in
+                    zip(ds["prompt_ids"], ds["completion_ids"], ds["label"], strict=True)]
+        t0 = time.perf_counter()
+        reuse = [r == self.reference_round and self.reference_round != EMA for r in ds["sampler_round"]]
+        ref = torch.tensor(ds["sample_logp"])
+        forward = [i for i, ok in enumerate(reuse) if not ok]
+        if forward:
+            ref[forward] = score_sequences(self.models.reference,
+                                           [(examples[i].prompt_ids, examples[i].completion_ids) for i in forward],
+                                           self.models.pad_id, self.models.device)
+        ref_seconds = time.perf_counter() - t0
+        beta = self.current_beta(k)
+        on_step = self._ema_hook(k) if self.recipe.reference.schedule == "ema" else None
+        metrics = self.trainer.train_round_kto(examples, ref, seed=self.recipe.seed * 31 + k,
+                                               tag=f"round_{k}", beta=beta, on_step=on_step)
+        self._save_checkpoints(k, ema=on_step is not None)
+        source = "forward" if len(forward) == len(examples) else "sampler" if not forward else "mixed"
+        return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source}
+
+    def _save_checkpoints(self, k: int, ema: bool) -> None:
         def save(model):
             def fill(tmp: Path) -> None:
                 model.save_pretrained(tmp, safe_serialization=True)
                 self.models.tokenizer.save_pretrained(tmp)
             return fill
 
-        if on_step is not None:
+        if ema:
             write_dir_atomic(self.round_dir(k) / "reference_checkpoint", save(self.models.reference))
             self.reference_round = EMA
-        write_dir_atomic(self.round_dir(k) / "checkpoint", save(policy))
+        write_dir_atomic(self.round_dir(k) / "checkpoint",
+                         save(self.models.accelerator.unwrap_model(self.trainer.policy)))
         self.policy_round = k
-        return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source}
 
     def _ema_hook(self, k: int):
         cfg = self.recipe.reference

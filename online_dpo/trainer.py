@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from online_dpo.config import LossConfig, TrainConfig
 from online_dpo.faults import maybe_kill
-from online_dpo.losses import dpo_loss, sequence_logps
+from online_dpo.losses import dpo_loss, kto_loss, sequence_logps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -25,6 +25,15 @@ class Pair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled completion, for KTO."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    desirable: bool
 
 
 def collate(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -84,31 +93,48 @@ class DPOTrainer:
     def train_round(self, pairs: Sequence[Pair], reference_chosen: torch.Tensor,
                     reference_rejected: torch.Tensor, seed: int, tag: str = "",
                     beta: float | None = None, on_step: Callable[[int], None] | None = None) -> dict:
-        """One round of DPO on fresh pairs; returns metrics averaged over all micro-batches.
+        """One round of DPO on fresh pairs; returns metrics averaged over all micro-batches."""
+        def micro(idx, weight):
+            return self._micro_step(pairs, idx, reference_chosen, reference_rejected, weight)
 
-        Adam moments restart every round: each round is a new DPO problem against the current
+        metrics = self._optimize(len(pairs), self.cfg.micro_batch_pairs, micro, seed, tag, beta, on_step)
+        metrics["reward_margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
+        return {**metrics, "train_pairs": len(pairs)}
+
+    def train_round_kto(self, examples: Sequence[Example], reference_logps: torch.Tensor,
+                        seed: int, tag: str = "", beta: float | None = None,
+                        on_step: Callable[[int], None] | None = None) -> dict:
+        """One round of KTO on single labelled completions (2 per pair-slot of a micro-batch)."""
+        def micro(idx, weight):
+            return self._kto_micro_step(examples, idx, reference_logps, weight)
+
+        metrics = self._optimize(len(examples), 2 * self.cfg.micro_batch_pairs, micro, seed, tag, beta, on_step)
+        metrics["reward_margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
+        return {**metrics, "train_pairs": 0, "train_examples": len(examples)}
+
+    def _optimize(self, n: int, micro_size: int, micro, seed: int, tag: str, beta, on_step) -> dict:
+        """The shared loop: epochs of seeded shuffles, gradient accumulation, clipping, AdamW.
+
+        Adam moments restart every round: each round is a new problem against the current
         reference, and it makes a resumed round identical to an uninterrupted one.
         """
         self.beta = self.loss_cfg.beta if beta is None else beta  # adaptive beta moves it per round
         self.optimizer.optimizer.state.clear()
         self.policy.train()
-        cfg, per_step = self.cfg, self.cfg.micro_batch_pairs * self.cfg.grad_accum_steps
+        cfg, per_step = self.cfg, micro_size * self.cfg.grad_accum_steps
         gen = torch.Generator().manual_seed(seed)
         totals: dict[str, float] = {}
         micro_batches, step, t0 = 0, 0, time.perf_counter()
         grad_norms = []
-        steps_total = cfg.epochs * math.ceil(len(pairs) / per_step)
-        bar = tqdm(total=steps_total, desc=f"{tag} train", leave=False, unit="step")
+        bar = tqdm(total=cfg.epochs * math.ceil(n / per_step), desc=f"{tag} train", leave=False, unit="step")
         for _ in range(cfg.epochs):
-            order = torch.randperm(len(pairs), generator=gen).tolist()
+            order = torch.randperm(n, generator=gen).tolist()
             for s in range(0, len(order), per_step):
                 step_idx = order[s:s + per_step]
-                for m in range(0, len(step_idx), cfg.micro_batch_pairs):
-                    idx = step_idx[m:m + cfg.micro_batch_pairs]
-                    # Scale so a step's gradient is the mean over its pairs, whatever the split.
-                    weight = len(idx) / len(step_idx)
-                    stats = self._micro_step(pairs, idx, reference_chosen, reference_rejected, weight)
-                    for k, v in stats.items():
+                for m in range(0, len(step_idx), micro_size):
+                    idx = step_idx[m:m + micro_size]
+                    # Scale so a step's gradient is the mean over its items, whatever the split.
+                    for k, v in micro(idx, len(idx) / len(step_idx)).items():
                         totals[k] = totals.get(k, 0.0) + v
                     micro_batches += 1
                 norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
@@ -124,10 +150,34 @@ class DPOTrainer:
         bar.close()
         self.policy.eval()
         metrics = {k: v / max(micro_batches, 1) for k, v in totals.items()}
-        metrics["reward_margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
         metrics.update(optimizer_steps=step, grad_norm=sum(grad_norms) / max(len(grad_norms), 1),
-                       train_pairs=len(pairs), train_seconds=time.perf_counter() - t0)
+                       train_seconds=time.perf_counter() - t0)
         return metrics
+
+    def _kto_micro_step(self, examples, idx, reference_logps, weight) -> dict:
+        chosen = [examples[i] for i in idx]
+        batch = collate([(e.prompt_ids, e.completion_ids) for e in chosen], self.pad_id)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.accelerator.autocast():
+            logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+        ref = reference_logps[idx].to(self.device)
+        desirable = torch.tensor([e.desirable for e in chosen], device=self.device)
+        # Reference point z0: the batch's mean log-ratio (detached), a cheap stand-in for the
+        # paper's KL estimate on mismatched completions.
+        z0 = (logps - ref).mean()
+        losses, rewards = kto_loss(logps, ref, desirable, beta=self.beta, kl=z0,
+                                   desirable_weight=self.loss_cfg.desirable_weight,
+                                   undesirable_weight=self.loss_cfg.undesirable_weight)
+        loss = losses.mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"non-finite KTO loss {loss.item()}; lower train.learning_rate")
+        self.accelerator.backward(loss * weight)
+        above = rewards > self.beta * z0.detach().clamp(min=0)
+        good, bad = rewards[desirable], rewards[~desirable]
+        return {"loss": loss.item(), "accuracy": (above == desirable).float().mean().item(),
+                "chosen_reward": good.mean().item() if len(good) else 0.0,
+                "rejected_reward": bad.mean().item() if len(bad) else 0.0}
 
     def _micro_step(self, pairs, idx, reference_chosen, reference_rejected, weight) -> dict:
         chosen_pairs = [pairs[i] for i in idx]

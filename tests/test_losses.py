@@ -33,7 +33,7 @@ def test_hand_computed_losses(loss_type, eps, expected):
     assert rejected.item() == pytest.approx(-0.5)
 
 
-@pytest.mark.parametrize("loss_type", list(LossType))
+@pytest.mark.parametrize("loss_type", [t for t in LossType if t.paired])
 def test_rewards_detached_and_preferred_side_gets_lower_loss(loss_type):
     pc = torch.tensor([-1.0, -3.0], requires_grad=True)
     pr = torch.tensor([-3.0, -1.0], requires_grad=True)
@@ -75,3 +75,8 @@ def test_sequence_logps_reads_the_shifted_position():
     mask = torch.tensor([[0, 1, 0]])  # score only token 1 (predicted from position 0)
     assert sequence_logps(logits, labels, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert token_logps(logits, labels)[0, 1].item() == pytest.approx(math.log(0.5))
+
+
+def test_kto_is_not_a_pairwise_loss():
+    with pytest.raises(ValueError, match="not a pairwise loss"):
+        dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="kto")

@@ -143,3 +143,40 @@ def test_eval_and_compare_commands(tiny_model_dir, prompts_file, tmp_path):
     # Same prompts and pairs: offline sampled its 8 prompts once from pi0, online 4 per round.
     assert "WARNING: budgets differ in prompts" not in out.stdout
     assert "WARNING: budgets differ in sampled_tokens" not in out.stdout
+
+
+def test_online_kto_labels_samples_by_score(tiny_model_dir, prompts_file, tmp_path):
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs",
+                            loss={"loss_type": "kto", "beta": 0.1})
+    r, rows = run(data)
+    examples = datasets.load_from_disk(str(r.round_dir(1) / "pairs"))
+    assert set(examples.column_names) >= {"prompt", "completion", "label"}  # TRL's KTO format
+    summary = json.loads((r.round_dir(1) / "pairs.json").read_text())
+    assert summary["desirable"] > 0 and summary["undesirable"] > 0
+    assert rows[0]["train_examples"] == summary["examples"] and rows[0]["optimizer_steps"] > 0
+    assert rows[0]["reference_logps_from"] == "sampler"
+
+
+def test_offline_kto_from_a_labelled_dataset(tiny_model_dir, prompts_file, tmp_path):
+    path = tmp_path / "kto.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Colour {i}?", "completion": c, "label": ok}) + "\n"
+                            for i in range(4) for c, ok in (("Blue.", True), ("No idea, sorry!!", False))))
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", mode="offline",
+                            loss={"loss_type": "kto"}, **{"data.pairs": str(path)})
+    r, rows = run(data)
+    assert rows[0]["train_examples"] == 8 and rows[0]["reference_logps_from"] == "forward"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "x", "completion": "y", "label": "yes"}) + "\n")
+    from online_dpo.data import DatasetError
+
+    with pytest.raises(DatasetError, match="row 0: column 'label' must be true/false"):
+        run({**data, "name": "bad", "data": {**data["data"], "pairs": str(bad)}})
+
+
+def test_kto_needs_a_pointwise_judge(tiny_model_dir, prompts_file, tmp_path):
+    from online_dpo.config import RecipeError
+
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", loss={"loss_type": "kto"},
+                            judge={"target": "tests.test_judges:PreferShorter"})
+    with pytest.raises(RecipeError, match="not a pointwise judge"):
+        run(data)
