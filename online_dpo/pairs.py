@@ -12,6 +12,7 @@ import random
 from typing import Any
 
 from judges.protocol import Judgment, Preference
+from online_dpo.offline import EXAMPLE_COLUMNS, PAIR_COLUMNS
 
 KEPT, TIE, FAILED = "kept", "tie", "failed"
 
@@ -108,3 +109,53 @@ def _record(scores, comparisons, first, second, judgment: Judgment) -> dict[str,
         "chosen": chosen,
         "rejected": rejected,
     }
+
+
+def _messages(prompt) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
+def pair_columns(records: list[dict], judgments: list[dict], sampler_round: int) -> dict[str, list]:
+    """A round's decided pairs as dataset columns (TRL's conversational prompt/chosen/rejected,
+    plus token ids and the sampler's log-probs, which are the reference's when it sampled)."""
+    columns: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
+    for rec, j in zip(records, judgments, strict=True):
+        if j["status"] != KEPT:
+            continue
+        columns["prompt"].append(_messages(rec["row"]["prompt"]))
+        for side in ("chosen", "rejected"):
+            sample = rec["samples"][j[side]]
+            columns[side].append([{"role": "assistant", "content": sample["text"]}])
+            columns[f"{side}_ids"].append(sample["token_ids"])
+            columns[f"{side}_sample_logp"].append(sample["logp"])
+        columns["prompt_ids"].append(rec["prompt_ids"])
+        columns["sampler_round"].append(sampler_round)
+        columns["replay"].append(False)
+        columns["reason"].append(j["reason"])
+        columns["prompt_index"].append(rec["prompt_index"])
+    return columns
+
+
+def example_columns(records: list[dict], judgments: list[dict], sampler_round: int,
+                    threshold: float | None) -> dict[str, list]:
+    """KTO: every scored sample is an example, desirable at or above `threshold`, or, without
+    one, above its prompt's mean score (samples exactly at the mean are dropped)."""
+    columns: dict[str, list] = {c: [] for c in EXAMPLE_COLUMNS}
+    for rec, j in zip(records, judgments, strict=True):
+        scored = [(s, v) for s, v in zip(rec["samples"], j["scores"] or [], strict=False) if v is not None]
+        if not scored:
+            continue
+        cut = threshold if threshold is not None else sum(v for _, v in scored) / len(scored)
+        for sample, score in scored:
+            if threshold is None and score == cut:
+                continue
+            columns["prompt"].append(_messages(rec["row"]["prompt"]))
+            columns["completion"].append([{"role": "assistant", "content": sample["text"]}])
+            columns["label"].append(score >= cut)
+            columns["prompt_ids"].append(rec["prompt_ids"])
+            columns["completion_ids"].append(sample["token_ids"])
+            columns["sample_logp"].append(sample["logp"])
+            columns["sampler_round"].append(sampler_round)
+            columns["score"].append(score)
+            columns["prompt_index"].append(rec["prompt_index"])
+    return columns

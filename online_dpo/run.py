@@ -37,14 +37,13 @@ from online_dpo.faults import maybe_kill
 from online_dpo.generation.base import SamplingSettings
 from online_dpo.losses import LossType
 from online_dpo.offline import (
-    EXAMPLE_COLUMNS,
     PAIR_COLUMNS,
     example_columns_from_dataset,
     load_preference_rows,
     pair_columns_from_dataset,
     take_slice,
 )
-from online_dpo.pairs import FAILED, KEPT, TIE, judge_samples
+from online_dpo.pairs import FAILED, KEPT, TIE, example_columns, judge_samples, pair_columns
 from online_dpo.reporting import finish_run, round_metrics
 from online_dpo.schedules import next_beta, soft_update
 from online_dpo.trainer import DPOTrainer, Example, Pair, pair_sequences, score_sequences
@@ -280,55 +279,9 @@ class Run:
                 # How often the judge preferred the longer response: the classic length bias.
                 "judge_prefers_longer": sum(longer) / len(longer) if longer else None, **stats}
 
-    def _fresh_pairs(self, k: int) -> dict[str, list]:
-        records = read_jsonl(self.round_dir(k) / "samples.jsonl")
-        judgments = read_jsonl(self.round_dir(k) / "judgments.jsonl")
-        sampler_round = read_json(self.round_dir(k) / "sample.json")["policy_round"]
-        columns: dict[str, list] = {c: [] for c in PAIR_COLUMNS}
-        for rec, j in zip(records, judgments, strict=True):
-            if j["status"] != KEPT:
-                continue
-            chosen, rejected = rec["samples"][j["chosen"]], rec["samples"][j["rejected"]]
-            prompt = rec["row"]["prompt"]
-            columns["prompt"].append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
-            for side, sample in (("chosen", chosen), ("rejected", rejected)):
-                columns[side].append([{"role": "assistant", "content": sample["text"]}])
-                columns[f"{side}_ids"].append(sample["token_ids"])
-                columns[f"{side}_sample_logp"].append(sample["logp"])
-            columns["prompt_ids"].append(rec["prompt_ids"])
-            columns["sampler_round"].append(sampler_round)
-            columns["replay"].append(False)
-            columns["reason"].append(j["reason"])
-            columns["prompt_index"].append(rec["prompt_index"])
-        return columns
-
-    def _fresh_examples(self, k: int) -> dict[str, list]:
-        """KTO: every scored sample is an example, desirable above the threshold (or above its
-        prompt's mean score when no threshold is set; samples at the mean are dropped)."""
-        records = read_jsonl(self.round_dir(k) / "samples.jsonl")
-        judgments = read_jsonl(self.round_dir(k) / "judgments.jsonl")
-        sampler_round = read_json(self.round_dir(k) / "sample.json")["policy_round"]
-        threshold = self.recipe.loss.kto_threshold
-        columns: dict[str, list] = {c: [] for c in EXAMPLE_COLUMNS}
-        for rec, j in zip(records, judgments, strict=True):
-            scored = [(s, v) for s, v in zip(rec["samples"], j["scores"] or [], strict=False) if v is not None]
-            if not scored:
-                continue
-            cut = threshold if threshold is not None else sum(v for _, v in scored) / len(scored)
-            for sample, score in scored:
-                if threshold is None and score == cut:
-                    continue
-                prompt = rec["row"]["prompt"]
-                columns["prompt"].append([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
-                columns["completion"].append([{"role": "assistant", "content": sample["text"]}])
-                columns["label"].append(score >= cut)
-                columns["prompt_ids"].append(rec["prompt_ids"])
-                columns["completion_ids"].append(sample["token_ids"])
-                columns["sample_logp"].append(sample["logp"])
-                columns["sampler_round"].append(sampler_round)
-                columns["score"].append(score)
-                columns["prompt_index"].append(rec["prompt_index"])
-        return columns
+    def _round_outputs(self, k: int) -> tuple[list[dict], list[dict], int]:
+        d = self.round_dir(k)
+        return read_jsonl(d / "samples.jsonl"), read_jsonl(d / "judgments.jsonl"), read_json(d / "sample.json")["policy_round"]
 
     def _select_examples(self, k: int) -> dict:
         if self.offline and self.recipe.data.pairs is not None:
@@ -337,7 +290,7 @@ class Run:
             per = 2 * self.recipe.data.prompts_per_round
             columns = take_slice(self._offline_pool, (k - 1) * per, per)
         else:
-            columns = self._fresh_examples(k)
+            columns = example_columns(*self._round_outputs(k), self.recipe.loss.kto_threshold)
         if columns["prompt"]:
             ds = datasets.Dataset.from_dict(columns)
             write_dir_atomic(self.round_dir(k) / "pairs", lambda tmp: ds.save_to_disk(str(tmp)))
@@ -361,7 +314,7 @@ class Run:
             per = self.recipe.data.prompts_per_round
             columns = take_slice(pool, (k - 1) * per, per)
         else:
-            columns = self._fresh_pairs(k)
+            columns = pair_columns(*self._round_outputs(k))
         fresh = len(columns["prompt"])
         replayed = self._add_replay(k, columns) if k > 0 else 0
         if columns["prompt"]:  # datasets cannot reload a 0-row folder; pairs.json says 0 instead
