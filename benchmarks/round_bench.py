@@ -277,6 +277,8 @@ def main(argv=None) -> int:
           f"1-min load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end, per "
           f"round end: {[_round2(r['load_average_1min_at_round_end']) for r in rounds]}")
     print("NOTE: one run on a shared, noisy machine; ratios measured in this run, not assertions.")
+    print("      With other jobs running, 2 torch threads can be many times slower than 1: "
+          "try --threads 1.")
     print("Round 1 is a warm-up (its sample phase includes the fresh engine's probe); medians "
           "exclude it.")
     print(f"execute() wall {wall:.1f} s (incl. model load + engine start + reports); "

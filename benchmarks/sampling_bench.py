@@ -68,6 +68,7 @@ def load_prompts(path: str, count: int) -> list:
 
 
 def timed_generate(generator, prompt_ids, settings) -> dict:
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     outputs = generator.generate(prompt_ids, settings)
     seconds = time.perf_counter() - t0
@@ -76,7 +77,8 @@ def timed_generate(generator, prompt_ids, settings) -> dict:
     return {"seconds": seconds, "tokens": tokens, "tokens_per_second": tokens / seconds,
             "completions": len(completions),
             "mean_length": tokens / max(len(completions), 1),
-            "eos_rate": sum(c.finished for c in completions) / max(len(completions), 1)}
+            "eos_rate": sum(c.finished for c in completions) / max(len(completions), 1),
+            "load_average_before": load_before}
 
 
 def summary(values: list[float]) -> dict:
@@ -85,6 +87,7 @@ def summary(values: list[float]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    load_start = os.getloadavg()[0]
     if args.threads is not None:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
                 runs[side].append(r)
                 print(f"repeat {i + 1} {side:>4}: {r['tokens']:>5} tokens in {r['seconds']:6.2f} s "
                       f"= {r['tokens_per_second']:7.1f} tok/s (mean len {r['mean_length']:.1f}, "
-                      f"EOS {r['eos_rate']:.2f})", flush=True)
+                      f"EOS {r['eos_rate']:.2f}, load avg before {r['load_average_before']:.2f})",
+                      flush=True)
     finally:
         for gen in generators.values():
             gen.close()
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
         "order": order, "repeats": args.repeats,
         "torch_threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cpu_count": os.cpu_count(), "load_average_end": os.getloadavg(),
+        "cpu_count": os.cpu_count(), "load_average_start": load_start,
+        "load_average_end": os.getloadavg(),
         "models_load_seconds": load_seconds, "generator_start_seconds": start_seconds,
         "warmup": warmup, "runs": runs,
         "tokens_per_second": {side: summary(v) for side, v in tps.items()},
@@ -152,9 +157,11 @@ def main(argv=None) -> int:
           f"temperature {w['temperature']}, top_p {w['top_p']}, seed {w['seed']}; "
           f"order {' '.join(order)} x {args.repeats}")
     print(f"torch threads {result['torch_threads']}, OMP_NUM_THREADS "
-          f"{result['omp_num_threads']}, cpus {result['cpu_count']}, load average "
-          f"{result['load_average_end'][0]:.2f} (at end)")
+          f"{result['omp_num_threads']}, cpus {result['cpu_count']}, 1-min load average "
+          f"{load_start:.2f} at start, {result['load_average_end'][0]:.2f} at end")
     print("NOTE: one run on a shared, noisy machine; ratios measured in this run, not assertions.")
+    print("      With other jobs running, 2 torch threads can be many times slower than 1: "
+          "try --threads 1.")
     print(f"generator start: vLLM {start_seconds['vllm']:.1f} s (incl. import), "
           f"HF {start_seconds['hf']:.1f} s")
     for side, label in (("vllm", "vLLM"), ("hf", "HF generate")):

@@ -128,6 +128,11 @@ class LocalBackend:
                                       pad_token_id=self.tokenizer.eos_token_id)
         return self.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
 
+    def close(self) -> None:
+        if self.engine == "vllm" and getattr(self, "llm", None) is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
 
 class LLMJudge:
     """Pairwise. `template` has {prompt}, {first} and {second}; the reply must be A, B or TIE."""
@@ -156,3 +161,7 @@ class LLMJudge:
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
         reply = self.backend.complete(messages + [{"role": "user", "content": content}])
         return Judgment(parse_verdict(reply), f"LLM verdict {reply.strip()[:40]!r}")
+
+    def close(self) -> None:
+        if hasattr(self.backend, "close"):
+            self.backend.close()

@@ -248,7 +248,9 @@ class Run:
         records = read_jsonl(self.round_dir(k) / "samples.jsonl")
         rng = random.Random(self.recipe.seed * 7919 + k)
         judgments = []
-        for rec in tqdm(records, desc=f"round {k} judge", leave=False):
+        for i, rec in enumerate(tqdm(records, desc=f"round {k} judge", leave=False)):
+            if i:
+                maybe_kill(f"round_{k}/judge_prompt_{i}")  # i prompts judged (and cached)
             texts = [s["text"] for s in rec["samples"]]
             # KTO labels every sample by its score, so every sample must be scored.
             strategy = "best_vs_worst" if self.kto else self.recipe.pairs.strategy

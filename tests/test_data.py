@@ -44,3 +44,31 @@ def test_split_keeps_eval_prompts_out_of_training():
     assert [r["prompt"] for r in held] == ["3", "4"] and len(train) == 3
     with pytest.raises(DatasetError, match="eval_prompts"):
         split_prompts([{"prompt": "a"}], 1)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "save_to_disk"])
+def test_preference_data_in_every_format(tmp_path, fmt):
+    from online_dpo.offline import load_preference_rows
+
+    ds = datasets.Dataset.from_dict({"prompt": ["Hi?", "Yo?"], "chosen": ["Hello.", "Hey."],
+                                     "rejected": ["Go away.", "No."]})
+    path = tmp_path / (f"prefs.{fmt}" if fmt != "save_to_disk" else "prefs")
+    {"jsonl": lambda: ds.to_json(str(path), lines=True), "json": lambda: ds.to_json(str(path), lines=False),
+     "parquet": lambda: ds.to_parquet(str(path)), "csv": lambda: ds.to_csv(str(path), index=False),
+     "save_to_disk": lambda: ds.save_to_disk(str(path))}[fmt]()
+    rows = load_preference_rows(str(path))
+    assert [(r["row"]["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
+        ("Hi?", "Hello.", "Go away."), ("Yo?", "Hey.", "No.")]
+
+
+def test_preference_data_errors_name_column_and_row(tmp_path):
+    from online_dpo.offline import load_preference_rows
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "chosen": "a"}) + "\n")
+    with pytest.raises(DatasetError, match="missing column 'rejected'"):
+        load_preference_rows(str(path))
+    path.write_text(json.dumps({"prompt": "Hi", "chosen": "a", "rejected": "b"}) + "\n"
+                    + json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(DatasetError, match="row 1: column 'prompt' is empty"):
+        load_preference_rows(str(path))

@@ -213,3 +213,14 @@ def test_length_control_ties_much_longer_winners():
 def test_unknown_plugin_name_names_the_entry_point_group():
     with pytest.raises(JudgeLoadError, match="online_dpo.judges"):
         validate_judge_target("not_registered_anywhere", {})
+
+
+def test_entry_point_plugins_resolve(tmp_path, monkeypatch):
+    """A third-party package registers a judge under the online_dpo.judges group."""
+    dist = tmp_path / "thirdparty_judges-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-judges\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[online_dpo.judges]\nconcise = judges.rules:ConciseAnswerJudge\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    judge = build_judge("concise", {"max_words": 5})
+    assert judge.score(ROW, "Volcanoes erupt every year.") > 0

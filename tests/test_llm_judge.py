@@ -136,9 +136,17 @@ def test_real_vllm_serve_endpoint(smollm2_dir, tiny_model_dir, prompts_file, tmp
 
 
 @pytest.mark.slow
-def test_local_transformers_backend_on_smollm2(smollm2_dir):
-    judge = ReliableJudge(LLMJudge(backend="transformers", model="smollm2"), fingerprint="l", retries=0)
-    judgment = judge.judge(ROW, GOOD, BAD)
-    # A 135M model without constrained decoding may not answer in the format: then the strict
-    # parse records a failure with the reply, instead of guessing.
-    assert judgment.decided or judgment.preference == Preference.TIE or "unparseable verdict" in judgment.reason
+def test_local_backends_give_the_same_greedy_reply(smollm2_dir):
+    """Both in-process backends (transformers, vLLM) run SmolLM2 greedily on the judge prompt:
+    their replies must agree, and the judgment is a parsed verdict or a recorded parse failure."""
+    replies = {}
+    for backend in ("transformers", "vllm"):
+        judge = LLMJudge(backend=backend, model="smollm2", max_tokens=6)
+        try:
+            prompt = judge.template.format(prompt=ROW["prompt"], first=GOOD, second=BAD)
+            replies[backend] = judge.backend.complete([{"role": "user", "content": prompt}])
+            judgment = ReliableJudge(judge, fingerprint=backend, retries=0).judge(ROW, GOOD, BAD)
+        finally:
+            judge.close()
+        assert judgment.preference != Preference.FAILED or "unparseable verdict" in judgment.reason
+    assert replies["transformers"].strip() and replies["transformers"] == replies["vllm"]

@@ -56,6 +56,19 @@ def test_killed_run_resumes_to_the_same_result(tiny_model_dir, prompts_file, tmp
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resumed_run_never_pays_twice_for_a_judgment(tiny_model_dir, prompts_file, tmp_path):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs",
+                                                      rounds=1)))
+    killed = run_cli(recipe, kill_at="round_1/judge_prompt_2")  # 2 of 4 prompts judged
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "runs" / "tiny" / "round_1" / "judgments.jsonl").exists()
+    assert run_cli(recipe).returncode == 0
+    judge = json.loads((tmp_path / "runs" / "tiny" / "round_1" / "judge.json").read_text())
+    assert judge["judge_cache_hits"] == 2 * 3  # 2 prompts x 3 samples came from the cache
+    assert judge["judge_calls"] == 2 * 3  # only the other 2 prompts were judged again
+
+
 def test_cli_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nrounds: 2\njudge: {target: judges.rules:ConciseAnswerJudge}\n"
