@@ -221,10 +221,29 @@ def main(argv=None) -> int:
             both_fps = ((train_flops + ref_flops) / (train_s + ref_s)
                         if train_s and ref_s is not None else None)
             sync_phase = phase.get("sync")
+            sync_file = run.dir / f"round_{k}" / "sync.json"
+            sync_info = json.loads(sync_file.read_text()) if sync_file.exists() else {}
+            sub = {
+                "sample_generation": row.get("generation_seconds"),
+                "sync_push": row.get("sync_seconds"),
+                "sync_verify": sync_info.get("verify_seconds"),
+                "train_reference_logps": ref_s,
+                "train_loop": train_s,
+                # Mostly the checkpoint save (and loading the pairs dataset).
+                "train_other": (phase["train"] - train_s - (ref_s or 0.0)
+                                if train_s is not None and phase.get("train") is not None
+                                else None),
+                "eval_generation": row.get("eval_generation_seconds"),
+                # KL scoring (reference, and pi_0 once the reference has moved) and judging.
+                "eval_other": (phase["eval"] - row["eval_generation_seconds"]
+                               if row.get("eval_generation_seconds") is not None
+                               and phase.get("eval") is not None else None),
+            }
             rss = watcher.seen.get(k, {})
             rounds.append({
                 "round": k,
                 "phase_seconds": {p: phase.get(p) for p in PHASES},
+                "sub_phase_seconds": sub,
                 "round_seconds": round_s,
                 "train_pairs": row.get("train_pairs"),
                 "optimizer_steps": row.get("optimizer_steps"),
@@ -267,6 +286,9 @@ def main(argv=None) -> int:
     medians = {key: median_or_none([r[key] for r in steady]) for key in keys}
     medians["phase_seconds"] = {p: median_or_none([r["phase_seconds"][p] for r in steady])
                                 for p in PHASES}
+    sub_keys = list(rounds[0]["sub_phase_seconds"]) if rounds else []
+    medians["sub_phase_seconds"] = {
+        key: median_or_none([r["sub_phase_seconds"][key] for r in steady]) for key in sub_keys}
 
     # ------------------------------------------------------------------ report
     print()
@@ -292,6 +314,14 @@ def main(argv=None) -> int:
               + fmt(r["round_seconds"], ".2f", 10))
     print(f"{'med':>5} " + " ".join(fmt(medians["phase_seconds"][p], ".2f", 9) for p in PHASES)
           + fmt(medians["round_seconds"], ".2f", 10))
+    print()
+    print("Inside the phases (seconds)")
+    print(f"{'round':>5} " + " ".join(f"{key:>{max(len(key), 8)}}" for key in sub_keys))
+    for r in rounds:
+        print(f"{r['round']:>5} " + " ".join(
+            fmt(r["sub_phase_seconds"][key], ".2f", max(len(key), 8)) for key in sub_keys))
+    print(f"{'med':>5} " + " ".join(
+        fmt(medians["sub_phase_seconds"][key], ".2f", max(len(key), 8)) for key in sub_keys))
     print()
     print("Throughput, sync share and memory")
     print(f"{'round':>5} {'pairs':>6} {'pairs/h':>9} {'sample tok/s':>13} {'sync phase %':>13} "
