@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--max-words", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="TRL's own default (OnlineDPOConfig turns it on); off by default here to "
+                        "match our loop. On, TRL's generate runs with use_cache=False (no KV cache)")
     return p.parse_args(argv)
 
 
@@ -111,7 +114,10 @@ def main(argv=None) -> dict:
     config = OnlineDPOConfig(
         output_dir=out_dir,
         use_cpu=True,                       # CPU: no CUDA here
-        bf16=False, fp16=False,             # fp32, as our loop on CPU
+        bf16=False, fp16=False,             # fp32, as our loop on CPU (TRL's default is bf16)
+        # TRL defaults to gradient checkpointing, which also makes its `generate` run without a
+        # KV cache (use_cache=False). Ours defaults to off; match it unless asked.
+        gradient_checkpointing=args.gradient_checkpointing,
         use_vllm=False,                     # TRL samples with transformers `generate`
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.grad_accum,
@@ -169,6 +175,8 @@ def main(argv=None) -> dict:
         "losses": [h["loss"] for h in history],
         "versions": {"trl": trl.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "optimizer": str(config.optim),
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }

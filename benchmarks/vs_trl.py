@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="which side is A in the A B A B order")
     p.add_argument("--model", default=None,
                    help="HF model folder (default: the embedded SmolLM2, converted once)")
+    p.add_argument("--trl-gradient-checkpointing", action="store_true",
+                   help="TRL's default setting; off by default to match our loop (on, TRL's "
+                        "generate runs without a KV cache)")
     p.add_argument("--ours-source", default=None,
                    help="measure the online_dpo/ and judges/ in this folder instead of this repo's "
                         "working tree (e.g. a `git archive HEAD | tar -x -C DIR` export)")
@@ -64,7 +67,9 @@ def worker_command(side: str, args, model: str) -> list[str]:
             "--max-tokens", str(args.max_tokens), "--temperature", str(args.temperature),
             "--top-p", str(args.top_p), "--beta", str(args.beta), "--lr", str(args.lr),
             "--seed", str(args.seed)] + (
-                ["--source", args.ours_source] if side == "ours" and args.ours_source else [])
+                ["--source", args.ours_source] if side == "ours" and args.ours_source else []) + (
+                ["--gradient-checkpointing"] if side == "trl" and args.trl_gradient_checkpointing
+                else [])
 
 
 def run_side(side: str, index: int, args, model: str, logs: Path) -> dict:
