@@ -26,22 +26,16 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from workload import add_workload_args  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="local HF model folder (the converted SmolLM2)")
     p.add_argument("--prompts", default=str(REPO / "recipes" / "data" / "prompts.jsonl"))
-    p.add_argument("--pairs", type=int, default=16, help="prompts to train on (1 pair each)")
-    p.add_argument("--micro-batch", type=int, default=4, help="prompts (pairs) per forward pass")
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=2e-5)
+    add_workload_args(p)
     p.add_argument("--max-words", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="TRL's own default (OnlineDPOConfig turns it on); off by default here to "
                         "match our loop. On, TRL's generate runs with use_cache=False (no KV cache)")

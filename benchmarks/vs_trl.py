@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from workload import add_workload_args  # noqa: E402
+
 BENCH = REPO / "benchmarks"
 MAIN_PY = REPO / ".venv" / "bin" / "python"
 TRL_PY = REPO / ".venv-trl" / "bin" / "python"
@@ -33,16 +36,7 @@ TRL_PY = REPO / ".venv-trl" / "bin" / "python"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=16,
-                   help="prompts per run, one pair each (a multiple of micro-batch x grad-accum)")
-    p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, default=2e-5)
-    p.add_argument("--seed", type=int, default=0)
+    add_workload_args(p)
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both sides")
     p.add_argument("--first", choices=["ours", "trl"], default="ours",
                    help="which side is A in the A B A B order")
