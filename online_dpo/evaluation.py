@@ -35,12 +35,12 @@ def sample_records(models, generator, rows: list[dict], settings: SamplingSettin
                      "tokens_per_second": tokens / max(seconds, 1e-9)}
 
 
-def kl_estimate(records: list[dict], model, pad_id: int, device) -> float:
+def kl_estimate(records: list[dict], model, pad_id: int, device, padding_free: bool = True) -> float:
     """Monte-Carlo KL(pi || model) = E_{y ~ pi}[log pi(y) - log model(y)], in nats per completion.
     Valid only for samples drawn at temperature 1 with top_p 1 (true policy samples)."""
     sequences = [(r["prompt_ids"], s["token_ids"]) for r in records for s in r["samples"]]
     policy = torch.tensor([s["logp"] for r in records for s in r["samples"]])
-    other = score_sequences(model, sequences, pad_id, device)
+    other = score_sequences(model, sequences, pad_id, device, padding_free=padding_free)
     return (policy - other).mean().item()
 
 

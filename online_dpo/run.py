@@ -347,6 +347,10 @@ class Run:
                 columns[c].append(True if c == "replay" else row[c])
         return len(picks)
 
+    def score(self, model, sequences) -> torch.Tensor:
+        m = self.models
+        return score_sequences(model, sequences, m.pad_id, m.device, padding_free=m.padding_free)
+
     def reference_logps(self, k: int, pairs: list[Pair], ds) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Reference log-probs; free for pairs sampled by the reference itself (vLLM returned them)."""
         sequences = pair_sequences(pairs)
@@ -360,13 +364,12 @@ class Run:
         forward = [i for i in range(n) if not reuse[i]]
         if forward:
             seqs = [sequences[i] for i in forward] + [sequences[n + i] for i in forward]
-            logps = score_sequences(self.models.reference, seqs, self.models.pad_id, self.models.device)
+            logps = self.score(self.models.reference, seqs)
             chosen[forward], rejected[forward] = logps[:len(forward)], logps[len(forward):]
         if len(forward) < n:
             # Check one reused pair against a real forward pass of the reference.
             i = reuse.index(True)
-            check = score_sequences(self.models.reference, [sequences[i], sequences[n + i]],
-                                    self.models.pad_id, self.models.device)
+            check = self.score(self.models.reference, [sequences[i], sequences[n + i]])
             diff = (check - torch.stack([chosen[i], rejected[i]])).abs().max().item()
             # The probe tolerance is per token; these are sums over whole completions.
             tol = probe_tolerance(self.recipe) * max(len(s[1]) for s in sequences)
@@ -412,9 +415,8 @@ class Run:
         ref = torch.tensor(ds["sample_logp"])
         forward = [i for i, ok in enumerate(reuse) if not ok]
         if forward:
-            ref[forward] = score_sequences(self.models.reference,
-                                           [(examples[i].prompt_ids, examples[i].completion_ids) for i in forward],
-                                           self.models.pad_id, self.models.device)
+            ref[forward] = self.score(self.models.reference,
+                                      [(examples[i].prompt_ids, examples[i].completion_ids) for i in forward])
         ref_seconds = time.perf_counter() - t0
         beta = self.current_beta(k)
         on_step = self._ema_hook(k) if self.recipe.reference.schedule == "ema" else None
@@ -474,9 +476,10 @@ class Run:
         any swap) and to pi_0, win rate against pi_0's samples, and adaptive beta's next value."""
         records, stats = self._sample(self.eval_rows, self._eval_settings(50_000))
         write_jsonl(self.round_dir(k) / "eval_samples.jsonl", records)
-        device, pad = self.models.device, self.models.pad_id
-        kl_ref = kl_estimate(records, self.models.reference, pad, device)
-        kl_pi0 = kl_ref if self.reference_round == 0 else kl_estimate(records, self.models.pi0, pad, device)
+        m = self.models
+        kl_ref = kl_estimate(records, m.reference, m.pad_id, m.device, m.padding_free)
+        kl_pi0 = kl_ref if self.reference_round == 0 else kl_estimate(records, m.pi0, m.pad_id, m.device,
+                                                                      m.padding_free)
         summary = sample_summary(records, self.eval_scorer)
         result = {"eval_judge_score": summary["judge_score"], "eval_mean_length": summary["mean_length"],
                   "eval_eos_rate": summary["eos_rate"], "kl_to_reference": kl_ref, "kl_to_pi0": kl_pi0,

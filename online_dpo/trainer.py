@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from online_dpo.config import LossConfig, TrainConfig
 from online_dpo.faults import maybe_kill
 from online_dpo.losses import dpo_loss, kto_loss, sequence_logps
+from online_dpo.packing import pack, packed_logps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,19 +57,29 @@ def pair_sequences(pairs: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
 
 
 def batch_logps(model, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     return sequence_logps(logits, batch["input_ids"], batch["completion_mask"], average=average)
+
+
+def completion_logps(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int,
+                     device: torch.device, padding_free: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and completion lengths of sequences, in one forward pass."""
+    if padding_free:
+        return packed_logps(model, pack(sequences, pad_id).to(device))
+    batch = {k: v.to(device) for k, v in collate(sequences, pad_id).items()}
+    return batch_logps(model, batch, average=False), batch["completion_mask"][:, 1:].sum(-1)
 
 
 @torch.no_grad()
 def score_sequences(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                    device: torch.device, batch_size: int = 8, average: bool = False) -> torch.Tensor:
-    """Summed completion log-probs of many sequences under a frozen model, in batches."""
+                    device: torch.device, batch_size: int = 8, average: bool = False,
+                    padding_free: bool = True) -> torch.Tensor:
+    """Summed (or mean) completion log-probs of many sequences under a frozen model, in batches."""
     out = []
     for start in range(0, len(sequences), batch_size):
-        batch = collate(sequences[start:start + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        out.append(batch_logps(model, batch, average).float().cpu())
+        summed, lengths = completion_logps(model, sequences[start:start + batch_size], pad_id, device,
+                                           padding_free)
+        out.append((summed / lengths.clamp(min=1) if average else summed).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -154,13 +165,13 @@ class DPOTrainer:
                        train_seconds=time.perf_counter() - t0)
         return metrics
 
+    def _logps(self, sequences) -> tuple[torch.Tensor, torch.Tensor]:
+        with self.accelerator.autocast():
+            return completion_logps(self.policy, sequences, self.pad_id, self.device, self.cfg.padding_free)
+
     def _kto_micro_step(self, examples, idx, reference_logps, weight) -> dict:
         chosen = [examples[i] for i in idx]
-        batch = collate([(e.prompt_ids, e.completion_ids) for e in chosen], self.pad_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        with self.accelerator.autocast():
-            logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+        logps, _ = self._logps([(e.prompt_ids, e.completion_ids) for e in chosen])
         ref = reference_logps[idx].to(self.device)
         desirable = torch.tensor([e.desirable for e in chosen], device=self.device)
         # Reference point z0: the batch's mean log-ratio (detached), a cheap stand-in for the
@@ -180,14 +191,9 @@ class DPOTrainer:
                 "rejected_reward": bad.mean().item() if len(bad) else 0.0}
 
     def _micro_step(self, pairs, idx, reference_chosen, reference_rejected, weight) -> dict:
-        chosen_pairs = [pairs[i] for i in idx]
-        batch = collate(pair_sequences(chosen_pairs), self.pad_id)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
         n = len(idx)
-        with self.accelerator.autocast():
-            logits = self.policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        summed = sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
-        lengths = batch["completion_mask"][:, 1:].sum(-1).clamp(min=1)
+        summed, lengths = self._logps(pair_sequences([pairs[i] for i in idx]))
+        lengths = lengths.clamp(min=1)
         logps = summed / lengths if self.loss_cfg.length_normalize else summed
         ref_c = reference_chosen[idx].to(self.device)
         ref_r = reference_rejected[idx].to(self.device)

@@ -1,0 +1,96 @@
+"""Padding-free batches give the same log-probs, gradients and training as padded ones."""
+
+import random
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM
+
+from online_dpo.config import LossConfig, TrainConfig
+from online_dpo.packing import (
+    PackingUnsupportedError,
+    assign_rows,
+    check_packing,
+    pack,
+    packed_logps,
+)
+from online_dpo.trainer import DPOTrainer, Pair, batch_logps, collate, pair_sequences
+
+
+def _sequences(n=9, seed=0):
+    rng = random.Random(seed)
+    return [([rng.randrange(10, 500) for _ in range(rng.randint(3, 12))],
+             [rng.randrange(10, 500) for _ in range(rng.randint(1, 20))]) for _ in range(n)]
+
+
+def test_rows_hold_every_sequence_once_within_the_width():
+    lengths = [9, 2, 7, 3, 5, 1, 9, 4]
+    rows = assign_rows(lengths)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 9 for row in rows)
+    assert len(rows) == 5  # 9 | 9 | 7+2 | 5+4 | 3+1 (first-fit decreasing), not 8 padded rows
+
+
+def test_pack_marks_completions_and_restarts_positions():
+    batch = pack([([1, 2], [3, 4, 5]), ([6], [7])], pad_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
+    assert batch.owner.tolist() == [[-1, -1, 0, 0, 0], [-1, 1, -1, -1, -1]]
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+
+
+def test_packed_logps_and_gradients_match_padded(tiny):
+    sequences = _sequences()
+    packed = pack(sequences, pad_id=2)
+    assert packed.input_ids.numel() < collate(sequences, 2)["input_ids"].numel()
+    summed, lengths = packed_logps(tiny, packed)
+    summed.sum().backward()
+    grads = [p.grad.clone() for p in tiny.parameters()]
+    tiny.zero_grad()
+    padded = batch_logps(tiny, collate(sequences, 2), average=False)
+    padded.sum().backward()
+    torch.testing.assert_close(summed, padded, atol=1e-4, rtol=1e-5)
+    assert lengths.tolist() == [len(c) for _, c in sequences]
+    for g, p in zip(grads, tiny.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+class _IgnoresPositions(torch.nn.Module):
+    """A model that drops position_ids: packed sequences would attend to each other."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_check_packing_accepts_llama_and_rejects_a_leaky_model(tiny):
+    assert check_packing(tiny, 2, "cpu") < 1e-4
+    with pytest.raises(PackingUnsupportedError, match="padding_free=false"):
+        check_packing(_IgnoresPositions(tiny), 2, "cpu")
+
+
+def test_training_is_the_same_with_and_without_padding(tiny_model_dir):
+    pairs = [Pair(p, c, r) for (p, c), (_, r) in zip(_sequences(8, 1), _sequences(8, 2))]
+    ref = torch.zeros(len(pairs))
+    results = []
+    for padding_free in (True, False):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        train = TrainConfig(learning_rate=1e-3, micro_batch_pairs=4, grad_accum_steps=2, padding_free=padding_free)
+        trainer = DPOTrainer(model, LossConfig(beta=0.1), train, pad_id=2, accelerator=Accelerator(cpu=True))
+        metrics = trainer.train_round(pairs, ref, ref, seed=0)
+        results.append((metrics, {k: v.clone() for k, v in model.state_dict().items()}))
+    (m1, w1), (m2, w2) = results
+    assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-5)
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], atol=1e-6, rtol=1e-5)
+    assert len(pair_sequences(pairs)) == 16
