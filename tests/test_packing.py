@@ -26,17 +26,21 @@ def _sequences(n=9, seed=0):
 
 def test_rows_hold_every_sequence_once_within_the_width():
     lengths = [9, 2, 7, 3, 5, 1, 9, 4]
-    rows = assign_rows(lengths)
+    rows = assign_rows(lengths, 9)
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 9 for row in rows)
-    assert len(rows) == 5  # 9 | 9 | 7+2 | 5+4 | 3+1 (first-fit decreasing), not 8 padded rows
+    assert rows == [[0], [6], [2, 1], [4, 7], [3, 5]]  # first-fit decreasing, not 8 padded rows
+    assert len(assign_rows(lengths, 18)) == 3
 
 
 def test_pack_marks_completions_and_restarts_positions():
-    batch = pack([([1, 2], [3, 4, 5]), ([6], [7])], pad_id=0)
+    batch = pack([([1, 2], [3, 4, 5]), ([6], [7])], pad_id=0, row_factor=1.0)
     assert batch.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
     assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2]]
     assert batch.owner.tolist() == [[-1, -1, 0, 0, 0], [-1, 1, -1, -1, -1]]
+    wide = pack([([1, 2], [3, 4, 5]), ([6], [7])], pad_id=0)  # rows up to 10: one row of 7, no tail
+    assert wide.input_ids.tolist() == [[1, 2, 3, 4, 5, 6, 7]]
+    assert wide.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1]]
 
 
 @pytest.fixture
