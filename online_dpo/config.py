@@ -102,6 +102,18 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    """LoRA (peft): only the adapter trains, and the reference is the base model with the adapter
+    disabled, so one copy of the weights is in memory."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+    """peft's target_modules: "all-linear", or a regex over module names."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     learning_rate: float = 1e-5
     epochs: int = 1
@@ -113,6 +125,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     gradient_checkpointing: bool = False
     padding_free: bool = True
+    lora: AdapterConfig | None = None
+    """Set (e.g. `train.lora: {rank: 16}`) to train a LoRA adapter instead of all weights."""
     """Pack sequences into rows with restarting position ids instead of padding them (verified
     against a padded forward once per run; turn off for an architecture that fails the check)."""
 
@@ -262,6 +276,7 @@ def _validate(obj: Any, prefix: str) -> None:
         GenerationConfig: ["n", "max_tokens", "kv_cache_gib", "tensor_parallel_size"],
         TrainConfig: ["learning_rate", "epochs", "micro_batch_pairs", "grad_accum_steps"],
         ReferenceConfig: ["every"],
+        AdapterConfig: ["rank", "alpha"],
         DataConfig: ["prompts_per_round"],
         JudgeConfig: ["backoff_s"],
         EvalConfig: ["samples_per_prompt"],
@@ -271,6 +286,11 @@ def _validate(obj: Any, prefix: str) -> None:
         if getattr(obj, name) <= 0:
             key = f"{prefix}.{name}" if prefix else name
             raise RecipeError(f"{key}: must be > 0, got {getattr(obj, name)!r}")
+    if isinstance(obj, Recipe) and obj.train.lora is not None and obj.reference.schedule != "fixed":
+        raise RecipeError(
+            f"train.lora: needs reference.schedule: fixed (the reference is the base model with the "
+            f"adapter disabled), got {obj.reference.schedule!r}"
+        )
     if isinstance(obj, GenerationConfig) and obj.probe_tolerance is not None and obj.probe_tolerance <= 0:
         raise RecipeError(f"{prefix}.probe_tolerance: must be > 0, got {obj.probe_tolerance}")
     if isinstance(obj, GenerationConfig) and not 0 < obj.top_p <= 1:

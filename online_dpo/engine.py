@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from online_dpo.config import Recipe
 from online_dpo.data import to_messages
 from online_dpo.generation.base import Generator
+from online_dpo.lora import AdapterDisabled, add_adapter, merged_state_dict
 from online_dpo.losses import token_logps
 from online_dpo.models import resolve_model_path, torch_dtype
 from online_dpo.packing import check_packing
@@ -72,10 +73,16 @@ class Models:
         )
         self.device = self.accelerator.device
         self.policy = self.load(self.model_dir).train()
-        self.reference = self.frozen_copy(self.policy)
-        # pi_0 stays for KL-to-pi_0 and win rates; a fixed reference *is* pi_0, so share it.
-        fixed = recipe.reference.schedule == "fixed"
-        self.pi0 = self.reference if fixed else self.frozen_copy(self.policy)
+        self.lora = recipe.train.lora
+        if self.lora is not None:
+            # One copy of the weights: the reference (= pi_0) is the policy with its adapter off.
+            self.policy = add_adapter(self.policy, self.lora)
+            self.reference = self.pi0 = AdapterDisabled(self.policy)
+        else:
+            self.reference = self.frozen_copy(self.policy)
+            # pi_0 stays for KL-to-pi_0 and win rates; a fixed reference *is* pi_0, so share it.
+            fixed = recipe.reference.schedule == "fixed"
+            self.pi0 = self.reference if fixed else self.frozen_copy(self.policy)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -102,7 +109,7 @@ class Models:
 
     def unwrapped_policy_state(self, model=None) -> dict[str, torch.Tensor]:
         model = self.accelerator.unwrap_model(model if model is not None else self.policy)
-        return model.state_dict()
+        return merged_state_dict(model) if self.lora is not None else model.state_dict()
 
     def prompt_ids(self, prompt) -> list[int]:
         text = self.tokenizer.apply_chat_template(

@@ -8,6 +8,7 @@ One sampling engine serves every model: each one's weights are synced in place a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def evaluate(run_dir: Path, checkpoint: Path | None, against: list[str], judge: 
     policy_path = checkpoint or latest_checkpoint(run_dir)
     baselines = {spec: resolve_model(spec, run_dir) for spec in against}
 
-    models = Models(recipe)
+    # Checkpoints hold merged weights, so evaluation needs no adapter even for a LoRA run.
+    models = Models(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, lora=None)))
     generator = build_generator(recipe, models.model_dir, models.eos_ids, models.pad_id)
     settings = SamplingSettings(samples, 1.0, 1.0, recipe.generation.max_tokens, seed=seed)
     try:

@@ -42,6 +42,7 @@ from online_dpo.engine import (
 from online_dpo.evaluation import kl_estimate, sample_records, sample_summary, win_rate
 from online_dpo.faults import maybe_kill
 from online_dpo.generation.base import SamplingSettings
+from online_dpo.lora import load_adapter, merged_state_dict, save_adapter
 from online_dpo.losses import LossType
 from online_dpo.offline import (
     PAIR_COLUMNS,
@@ -173,7 +174,10 @@ class Run:
             k = self._latest_round_with("train.json", before=k)  # a round with no pairs
         if k:
             print(f"[online-dpo] resuming: policy from round_{k}/checkpoint", flush=True)
-            self._load_into(self.models.policy, self.round_dir(k) / "checkpoint")
+            if self.models.lora is not None:
+                load_adapter(self.models.policy, self.round_dir(k) / "checkpoint")
+            else:
+                self._load_into(self.models.policy, self.round_dir(k) / "checkpoint")
         return k
 
     def _restore_reference(self) -> int:
@@ -190,7 +194,7 @@ class Run:
         source = read_json(self.round_dir(k) / "reference.json")["source_round"] if k else 0
         if source > 0:
             self._load_into(self.models.reference, self.round_dir(source) / "checkpoint")
-        elif self.policy_round:
+        elif self.policy_round and self.models.lora is None:  # LoRA's reference is the untouched base
             self._load_into(self.models.reference, self.models.model_dir)
         return source
 
@@ -360,7 +364,7 @@ class Run:
         if not hasattr(self, "_ref_cache"):
             m = self.models
             self._ref_cache = ReferenceLogpCache(model_fingerprint(
-                m.model_dir, dtype=next(m.reference.parameters()).dtype, device=m.device.type,
+                m.model_dir, dtype=next(m.policy.parameters()).dtype, device=m.device.type,
                 padding_free=m.padding_free))
         logps, hits = self._ref_cache.score(sequences, lambda seqs: self.score(self.models.reference, seqs))
         self.reference_cache_hits += hits
@@ -446,7 +450,12 @@ class Run:
     def _save_checkpoints(self, k: int, ema: bool) -> None:
         def save(model):
             def fill(tmp: Path) -> None:
-                model.save_pretrained(tmp, safe_serialization=True)
+                if self.models.lora is None:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                else:  # merged weights for everything downstream, the adapter for resume
+                    model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model),
+                                                           safe_serialization=True)
+                    save_adapter(model, tmp)
                 self.models.tokenizer.save_pretrained(tmp)
             return fill
 

@@ -92,8 +92,10 @@ class DPOTrainer:
         self.accelerator = accelerator
         if train.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
+        # Trainable parameters only: with LoRA, Adam keeps moments for the adapter alone.
         optimizer = torch.optim.AdamW(
-            policy.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay
+            [p for p in policy.parameters() if p.requires_grad], lr=train.learning_rate,
+            weight_decay=train.weight_decay,
         )
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
 
