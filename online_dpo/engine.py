@@ -108,8 +108,11 @@ class Models:
         self.reference.load_state_dict(self.unwrapped_policy_state(source_model), strict=True)
 
     def unwrapped_policy_state(self, model=None) -> dict[str, torch.Tensor]:
-        model = self.accelerator.unwrap_model(model if model is not None else self.policy)
-        return merged_state_dict(model) if self.lora is not None else model.state_dict()
+        model = model if model is not None else self.policy
+        if self.lora is not None:
+            return merged_state_dict(self.accelerator.unwrap_model(model))
+        # Gathers full tensors when training is sharded (FSDP, ZeRO-3): a collective call.
+        return self.accelerator.get_state_dict(model)
 
     def prompt_ids(self, prompt) -> list[int]:
         text = self.tokenizer.apply_chat_template(

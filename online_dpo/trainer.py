@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -134,22 +135,36 @@ class DPOTrainer:
         self.beta = self.loss_cfg.beta if beta is None else beta  # adaptive beta moves it per round
         self.optimizer.optimizer.state.clear()
         self.policy.train()
-        cfg, per_step = self.cfg, micro_size * self.cfg.grad_accum_steps
+        cfg, acc = self.cfg, self.accelerator
+        # Under `accelerate launch` each optimizer step's items are split across processes
+        # (same seeded order everywhere, so the shards are disjoint) and DDP averages gradients.
+        world, rank = acc.num_processes, acc.process_index
+        per_step = micro_size * cfg.grad_accum_steps * world
         gen = torch.Generator().manual_seed(seed)
         totals: dict[str, float] = {}
         micro_batches, step, t0 = 0, 0, time.perf_counter()
         grad_norms = []
-        bar = tqdm(total=cfg.epochs * math.ceil(n / per_step), desc=f"{tag} train", leave=False, unit="step")
+        bar = tqdm(total=cfg.epochs * math.ceil(n / per_step), desc=f"{tag} train", leave=False, unit="step",
+                   disable=not acc.is_local_main_process)
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=gen).tolist()
             for s in range(0, len(order), per_step):
                 step_idx = order[s:s + per_step]
-                for m in range(0, len(step_idx), micro_size):
-                    idx = step_idx[m:m + micro_size]
-                    # Scale so a step's gradient is the mean over its items, whatever the split.
-                    for k, v in micro(idx, len(idx) / len(step_idx)).items():
-                        totals[k] = totals.get(k, 0.0) + v
-                    micro_batches += 1
+                local = step_idx[rank::world]
+                # Every process runs the same number of backward passes (each one all-reduces);
+                # one that is short of items repeats an item with weight 0.
+                n_micro = math.ceil(math.ceil(len(step_idx) / world) / micro_size)
+                for m in range(n_micro):
+                    idx = local[m * micro_size:(m + 1) * micro_size]
+                    # Scale so a step's gradient is the mean over all its items, whatever the split
+                    # (DDP divides the all-reduced sum by `world`).
+                    weight = len(idx) * world / len(step_idx)
+                    sync = m == n_micro - 1
+                    with contextlib.nullcontext() if sync else acc.no_sync(self.policy):
+                        out = micro(idx or step_idx[:1], weight)
+                    for k, v in out.items():  # every key on every process, so the reduce lines up
+                        totals[k] = totals.get(k, 0.0) + (v if idx else 0.0)
+                    micro_batches += bool(idx)
                 norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
                 grad_norms.append(float(norm))
                 self.optimizer.step()
@@ -158,10 +173,16 @@ class DPOTrainer:
                 if on_step is not None:
                     on_step(step)  # e.g. the EMA reference update
                 bar.update(1)
-                bar.set_postfix(loss=f"{totals['loss'] / micro_batches:.4f}")
+                if micro_batches:
+                    bar.set_postfix(loss=f"{totals['loss'] / micro_batches:.4f}")
                 maybe_kill(f"{tag}/train_step_{step}")
         bar.close()
         self.policy.eval()
+        if world > 1:  # metrics are means over every process's micro-batches
+            keys = sorted(totals)
+            summed = acc.reduce(torch.tensor([totals[k] for k in keys] + [micro_batches], dtype=torch.float64,
+                                             device=acc.device), reduction="sum").tolist()
+            totals, micro_batches = dict(zip(keys, summed[:-1])), int(summed[-1])
         metrics = {k: v / max(micro_batches, 1) for k, v in totals.items()}
         metrics.update(optimizer_steps=step, grad_norm=sum(grad_norms) / max(len(grad_norms), 1),
                        train_seconds=time.perf_counter() - t0)
