@@ -31,6 +31,7 @@ from online_dpo.artifacts import (
 )
 from online_dpo.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from online_dpo.data import load_prompt_rows, split_prompts
+from online_dpo.distributed import Processes, check_supported
 from online_dpo.engine import (
     Models,
     build_generator,
@@ -58,6 +59,7 @@ from online_dpo.schedules import next_beta, soft_update
 from online_dpo.trainer import DPOTrainer, Example, Pair, pair_sequences, score_sequences
 
 ONLINE_STEPS = ("sample", "judge", "pairs", "train", "sync", "eval", "reference")
+EVERY_PROCESS = ("train", "reference")  # steps that change every process's models
 OFFLINE_STEPS = ("pairs", "train", "sync", "eval", "reference")
 STEPS = ONLINE_STEPS
 EMA = -1  # reference_round of an EMA reference: a blend, never equal to a sampling policy
@@ -115,48 +117,58 @@ class Run:
 
     def execute(self) -> list[dict]:
         recipe = self.recipe
-        # Cheap checks first: a bad judge or dataset fails before any model loads.
-        self.judge, self.scorer = build_judge_stack(recipe.judge, self.dir / "judge_cache.jsonl")
-        eval_cfg = recipe.eval.judge or recipe.judge
-        self.eval_judge, self.eval_scorer = build_judge_stack(eval_cfg, self.dir / "eval_judge_cache.jsonl")
+        procs = self.procs = Processes()
+        self.main = procs.main
         self.train_rows, self.eval_rows = split_prompts(
             load_prompt_rows(recipe.data.prompts), recipe.data.eval_prompts
         )
         self.kto = not LossType(recipe.loss.loss_type).paired
-        if self.kto and self.scorer is None and not (self.offline and recipe.data.pairs):
-            raise RecipeError("loss.loss_type: kto labels samples by score; judge "
-                              f"{recipe.judge.target} is not a pointwise judge")
         if self.offline and recipe.data.pairs is not None and not self.kto:
             load_preference_rows(recipe.data.pairs)  # validate columns before loading models
-        self.dir.mkdir(parents=True, exist_ok=True)
-        check_resolved_recipe(recipe, self.dir)
-        if all((self.round_dir(k) / "metrics.json").exists() for k in range(1, recipe.rounds + 1)):
-            return finish_run(self.dir, recipe.rounds)
+        self.judge = self.scorer = self.eval_judge = self.eval_scorer = None
+        if self.main:  # process 0 alone judges and writes the run directory
+            # Cheap checks first: a bad judge or dataset fails before any model loads.
+            self.judge, self.scorer = build_judge_stack(recipe.judge, self.dir / "judge_cache.jsonl")
+            eval_cfg = recipe.eval.judge or recipe.judge
+            self.eval_judge, self.eval_scorer = build_judge_stack(eval_cfg, self.dir / "eval_judge_cache.jsonl")
+            if self.kto and self.scorer is None and not (self.offline and recipe.data.pairs):
+                raise RecipeError("loss.loss_type: kto labels samples by score; judge "
+                                  f"{recipe.judge.target} is not a pointwise judge")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            check_resolved_recipe(recipe, self.dir)
+        procs.barrier()
+        if procs.agree(all((self.round_dir(k) / "metrics.json").exists() for k in range(1, recipe.rounds + 1))):
+            return finish_run(self.dir, recipe.rounds) if self.main else []
 
         torch.manual_seed(recipe.seed)
         self.models = Models(recipe)
+        check_supported(self.models.accelerator)
         self.policy_round = self._restore_policy()
         self.reference_round = self._restore_reference()
         self.reference_cache_hits = 0  # sequences whose pi_0 log-probs came from the cross-run cache
         self.trainer = DPOTrainer(self.models.policy, recipe.loss, recipe.train,
                                   self.models.pad_id, self.models.accelerator)
-        self.generator = build_generator(recipe, self.models.model_dir, self.models.eos_ids,
-                                         self.models.pad_id)
+        self.generator = None
+        if self.main:
+            self.generator = build_generator(recipe, self.models.model_dir, self.models.eos_ids,
+                                             self.models.pad_id)
         self.engine_round = None  # set only by a verified sync
         try:
             # pi_0 work first, while the fresh engine still holds pi_0's weights.
-            if recipe.eval.win_rate_vs_pi0 and not (self.round_dir(0) / "pi0_eval.json").exists():
+            if self.main and recipe.eval.win_rate_vs_pi0 and not (self.round_dir(0) / "pi0_eval.json").exists():
                 self.sample_pi0_eval()
             if self.offline and recipe.data.pairs is None:
                 for name, step in (("sample", self.sample), ("judge", self.judge_step),
                                    ("pairs", self.select_pairs)):
                     self.run_step(0, name, step)
             for k in range(1, recipe.rounds + 1):
-                if not (self.round_dir(k) / "metrics.json").exists():
+                if not procs.agree((self.round_dir(k) / "metrics.json").exists()):
                     self.run_round(k)
         finally:
-            self.generator.close()
-        return finish_run(self.dir, recipe.rounds)
+            if self.generator is not None:
+                self.generator.close()
+        procs.barrier()
+        return finish_run(self.dir, recipe.rounds) if self.main else []
 
     def _latest_round_with(self, name: str, before: int | None = None) -> int:
         last = before if before is not None else self.recipe.rounds + 1
@@ -201,12 +213,15 @@ class Run:
     # ------------------------------------------------------------------ one round
 
     def run_step(self, k: int, name: str, step) -> None:
-        if self.done(k, name):
+        if self.procs.agree(self.done(k, name)):
             return
-        t0 = time.perf_counter()
-        summary = step(k)
-        summary["seconds"] = time.perf_counter() - t0
-        write_json(self.round_dir(k) / f"{name}.json", summary)
+        if self.main or name in EVERY_PROCESS:
+            t0 = time.perf_counter()
+            summary = step(k)
+            summary["seconds"] = time.perf_counter() - t0
+            if self.main:
+                write_json(self.round_dir(k) / f"{name}.json", summary)
+        self.procs.barrier()  # the others wait for process 0's artifacts
         maybe_kill(f"round_{k}/{name}")
 
     def run_round(self, k: int) -> None:
@@ -215,6 +230,8 @@ class Run:
                  "reference": self.update_reference}
         for name in OFFLINE_STEPS if self.offline else ONLINE_STEPS:
             self.run_step(k, name, steps[name])
+        if not self.main:
+            return
         metrics = round_metrics(self.round_dir(k), k, self.dir)
         write_json(self.round_dir(k) / "metrics.json", metrics)
         self.prune_checkpoints(k)
@@ -359,7 +376,7 @@ class Run:
 
     def score_reference(self, sequences) -> torch.Tensor:
         """A reference forward pass; pi_0's results come from (and go to) the cross-run cache."""
-        if self.reference_round != 0 or not self.recipe.reference.cache_logps:
+        if self.reference_round != 0 or not self.recipe.reference.cache_logps or not self.main:
             return self.score(self.models.reference, sequences)
         if not hasattr(self, "_ref_cache"):
             m = self.models
@@ -460,10 +477,12 @@ class Run:
             return fill
 
         if ema:
-            write_dir_atomic(self.round_dir(k) / "reference_checkpoint", save(self.models.reference))
+            if self.main:
+                write_dir_atomic(self.round_dir(k) / "reference_checkpoint", save(self.models.reference))
             self.reference_round = EMA
-        write_dir_atomic(self.round_dir(k) / "checkpoint",
-                         save(self.models.accelerator.unwrap_model(self.trainer.policy)))
+        if self.main:
+            write_dir_atomic(self.round_dir(k) / "checkpoint",
+                             save(self.models.accelerator.unwrap_model(self.trainer.policy)))
         self.policy_round = k
 
     def _ema_hook(self, k: int):
