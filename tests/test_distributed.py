@@ -72,3 +72,11 @@ def test_a_whole_run_with_two_processes(tiny_model_dir, prompts_file, tmp_path):
     ckpt = [load_file(tmp_path / "runs" / n / "round_1" / "checkpoint" / "model.safetensors") for n in ("one", "two")]
     for k in ckpt[0]:  # lr 1e-3 moves weights by ~1e-3; Adam magnifies float noise where grads ~ 0
         torch.testing.assert_close(ckpt[0][k], ckpt[1][k], atol=2e-5, rtol=1e-4)
+
+
+def test_shipped_accelerate_config_is_valid():
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    config = ClusterConfig.from_yaml_file(str(REPO / "recipes" / "accelerate" / "ddp.yaml"))
+    assert config.distributed_type == DistributedType.MULTI_GPU and config.num_processes == 2
