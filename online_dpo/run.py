@@ -6,6 +6,9 @@ small `<step>.json` summary. A step whose summary exists is done and is never re
 
 Offline mode (`mode: offline`) trains the same way on a fixed dataset: either `data.pairs`, or
 pairs sampled and judged once from pi_0 in round_0/. Its rounds skip sample and judge.
+
+Launched with several processes, process 0 runs every step and writes every artifact; the
+others join the steps that change their models (train, reference) and wait at the rest.
 """
 
 from __future__ import annotations
@@ -119,21 +122,22 @@ class Run:
         recipe = self.recipe
         procs = self.procs = Processes()
         self.main = procs.main
-        self.train_rows, self.eval_rows = split_prompts(
-            load_prompt_rows(recipe.data.prompts), recipe.data.eval_prompts
-        )
         self.kto = not LossType(recipe.loss.loss_type).paired
-        if self.offline and recipe.data.pairs is not None and not self.kto:
-            load_preference_rows(recipe.data.pairs)  # validate columns before loading models
         self.judge = self.scorer = self.eval_judge = self.eval_scorer = None
+        # Cheap checks first: a bad judge or dataset fails before any model loads.
         if self.main:  # process 0 alone judges and writes the run directory
-            # Cheap checks first: a bad judge or dataset fails before any model loads.
             self.judge, self.scorer = build_judge_stack(recipe.judge, self.dir / "judge_cache.jsonl")
             eval_cfg = recipe.eval.judge or recipe.judge
             self.eval_judge, self.eval_scorer = build_judge_stack(eval_cfg, self.dir / "eval_judge_cache.jsonl")
             if self.kto and self.scorer is None and not (self.offline and recipe.data.pairs):
                 raise RecipeError("loss.loss_type: kto labels samples by score; judge "
                                   f"{recipe.judge.target} is not a pointwise judge")
+        self.train_rows, self.eval_rows = split_prompts(
+            load_prompt_rows(recipe.data.prompts), recipe.data.eval_prompts
+        )
+        if self.offline and recipe.data.pairs is not None and not self.kto:
+            load_preference_rows(recipe.data.pairs)  # validate columns before loading models
+        if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             check_resolved_recipe(recipe, self.dir)
         procs.barrier()

@@ -46,7 +46,8 @@ def test_fingerprint_follows_weights_dtype_and_batching(tiny_model_dir, tmp_path
     assert base != model_fingerprint(copy, dtype=torch.float32, device="cpu", padding_free=True)
 
 
-def test_a_second_offline_run_reuses_pi0_logps(tiny_model_dir, prompts_file, tmp_path):
+def test_a_second_offline_run_reuses_pi0_logps(tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("ONLINE_DPO_REFERENCE_CACHE", str(tmp_path / "cache"))  # empty at the start
     pairs = tmp_path / "prefs.jsonl"
     pairs.write_text("".join(json.dumps({"prompt": f"Name a colour, {i}?", "chosen": "Blue.",
                                          "rejected": "Something else entirely, I think."}) + "\n"
