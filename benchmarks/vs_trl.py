@@ -176,6 +176,7 @@ def main(argv=None) -> dict:
     print(f"ratio ours/TRL, pairs/h, ours' loop time less its held-out eval phase: "
           f"{fmt(summary['ratio_pairs_per_hour_ours_without_eval'])}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
         print(f"[vs_trl] wrote {args.json}")
     return summary
