@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_dpo.config import Recipe
 from online_dpo.data import to_messages
+from online_dpo.distributed import full_state_dict
 from online_dpo.generation.base import Generator
 from online_dpo.lora import AdapterDisabled, add_adapter, merged_state_dict
 from online_dpo.losses import token_logps
@@ -108,11 +109,11 @@ class Models:
         self.reference.load_state_dict(self.unwrapped_policy_state(source_model), strict=True)
 
     def unwrapped_policy_state(self, model=None) -> dict[str, torch.Tensor]:
+        """Whole weights; every process must call it when training is sharded (a gather)."""
         model = model if model is not None else self.policy
         if self.lora is not None:
             return merged_state_dict(self.accelerator.unwrap_model(model))
-        # Gathers full tensors when training is sharded (FSDP, ZeRO-3): a collective call.
-        return self.accelerator.get_state_dict(model)
+        return full_state_dict(self.accelerator, model)
 
     def prompt_ids(self, prompt) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -126,6 +127,7 @@ class Models:
 
     @torch.no_grad()
     def trainer_probe_logps(self, model) -> torch.Tensor:
+        """The probe scored by `model`; a sharded policy's forward is collective."""
         prompt, completion = self.probe_ids()
         ids = torch.tensor([prompt + completion], device=self.device)
         model = self.accelerator.unwrap_model(model)
@@ -136,12 +138,15 @@ class Models:
         return token_logps(logits, ids)[0, len(prompt) - 1:].float().cpu()
 
 
-def verify_engine(models: Models, generator: Generator, tolerance: float, model=None) -> float:
+def verify_engine(models: Models, generator: Generator | None, tolerance: float, model=None) -> float | None:
     """Max per-token |engine - trainer| log-prob on the probe; raises past `tolerance`.
-    `model` defaults to the policy; pass pi_0 to check a fresh engine before any sync."""
+    `model` defaults to the policy; pass pi_0 to check a fresh engine before any sync.
+    Processes without the sampler (generator None) only join the trainer's forward."""
+    trainer = models.trainer_probe_logps(models.policy if model is None else model)
+    if generator is None:
+        return None
     prompt, completion = models.probe_ids()
     engine = torch.tensor(generator.score(prompt, completion))
-    trainer = models.trainer_probe_logps(models.policy if model is None else model)
     diff = (engine - trainer).abs().max().item()
     if not diff <= tolerance:  # also catches NaN
         raise WeightSyncError(
@@ -152,11 +157,16 @@ def verify_engine(models: Models, generator: Generator, tolerance: float, model=
     return diff
 
 
-def sync_and_verify(models: Models, generator: Generator, tolerance: float) -> dict:
+def sync_and_verify(models: Models, generator: Generator | None, tolerance: float, model=None) -> dict:
+    """Push `model`'s weights (default: the policy) into the sampler and check them on the probe.
+    Every process calls it: under sharded training the gather and the probe forward are
+    collective. Only process 0 holds a generator."""
+    model = models.policy if model is None else model
     t0 = time.perf_counter()
-    state = models.unwrapped_policy_state()
-    generator.load_weights(state.items())
+    state = models.unwrapped_policy_state(model)
+    if generator is not None:
+        generator.load_weights(state.items())
     seconds = time.perf_counter() - t0
-    diff = verify_engine(models, generator, tolerance)
+    diff = verify_engine(models, generator, tolerance, model)
     return {"sync_seconds": seconds, "probe_max_abs_diff": diff, "probe_tolerance": tolerance,
             "verify_seconds": time.perf_counter() - t0 - seconds, "tensors": len(state)}

@@ -8,7 +8,8 @@ Offline mode (`mode: offline`) trains the same way on a fixed dataset: either `d
 pairs sampled and judged once from pi_0 in round_0/. Its rounds skip sample and judge.
 
 Launched with several processes, process 0 runs every step and writes every artifact; the
-others join the steps that change their models (train, reference) and wait at the rest.
+others join the steps that change or read their models (train, sync, reference) and wait at
+the rest.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ from online_dpo.schedules import next_beta, soft_update
 from online_dpo.trainer import DPOTrainer, Example, Pair, pair_sequences, score_sequences
 
 ONLINE_STEPS = ("sample", "judge", "pairs", "train", "sync", "eval", "reference")
-EVERY_PROCESS = ("train", "reference")  # steps that change every process's models
+# Steps that change every process's models, or read the policy whole (a gather when sharded).
+EVERY_PROCESS = ("train", "sync", "reference")
 OFFLINE_STEPS = ("pairs", "train", "sync", "eval", "reference")
 STEPS = ONLINE_STEPS
 EMA = -1  # reference_round of an EMA reference: a blend, never equal to a sampling policy
@@ -146,7 +148,7 @@ class Run:
 
         torch.manual_seed(recipe.seed)
         self.models = Models(recipe)
-        check_supported(self.models.accelerator)
+        check_supported(self.models.accelerator, recipe)
         self.policy_round = self._restore_policy()
         self.reference_round = self._restore_reference()
         self.reference_cache_hits = 0  # sequences whose pi_0 log-probs came from the cross-run cache
@@ -161,6 +163,9 @@ class Run:
             # pi_0 work first, while the fresh engine still holds pi_0's weights.
             if self.main and recipe.eval.win_rate_vs_pi0 and not (self.round_dir(0) / "pi0_eval.json").exists():
                 self.sample_pi0_eval()
+            if self.policy_round:  # resumed: the fresh engine holds pi_0; every process joins the gather
+                sync_and_verify(self.models, self.generator, probe_tolerance(recipe), self.trainer.policy)
+                self.engine_round = self.policy_round
             if self.offline and recipe.data.pairs is None:
                 for name, step in (("sample", self.sample), ("judge", self.judge_step),
                                    ("pairs", self.select_pairs)):
@@ -248,11 +253,12 @@ class Run:
         """The sampler must hold the trainer's current policy, verified, before it samples."""
         if self.engine_round == self.policy_round:
             return
-        if self.policy_round == 0:
-            verify_engine(self.models, self.generator, probe_tolerance(self.recipe))
-        else:
-            sync_and_verify(self.models, self.generator, probe_tolerance(self.recipe))
-        self.engine_round = self.policy_round
+        if self.policy_round:  # a trained policy reaches the engine only through a sync step
+            raise RuntimeError(f"internal: the sampler holds round {self.engine_round}, the policy is "
+                               f"round {self.policy_round}, and no sync step ran")
+        # Untrained: pi_0 has the policy's weights, and unlike a sharded policy it is whole here.
+        verify_engine(self.models, self.generator, probe_tolerance(self.recipe), self.models.pi0)
+        self.engine_round = 0
 
     def prompts_for_round(self, k: int) -> list[tuple[int, dict]]:
         """A seeded permutation of the training prompts, consumed in order and cycled. Round 0
@@ -469,10 +475,13 @@ class Run:
                 "reference_cache_hits": self.reference_cache_hits - hits}
 
     def _save_checkpoints(self, k: int, ema: bool) -> None:
-        def save(model):
+        # The policy's whole weights, gathered on every process when sharded.
+        policy_state = None if self.models.lora else self.models.unwrapped_policy_state(self.trainer.policy)
+
+        def save(model, state=None):
             def fill(tmp: Path) -> None:
                 if self.models.lora is None:
-                    model.save_pretrained(tmp, safe_serialization=True)
+                    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
                 else:  # merged weights for everything downstream, the adapter for resume
                     model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(model),
                                                            safe_serialization=True)
@@ -485,8 +494,10 @@ class Run:
                 write_dir_atomic(self.round_dir(k) / "reference_checkpoint", save(self.models.reference))
             self.reference_round = EMA
         if self.main:
-            write_dir_atomic(self.round_dir(k) / "checkpoint",
-                             save(self.models.accelerator.unwrap_model(self.trainer.policy)))
+            # Whole weights are written through pi_0, an unsharded model of the same class and config:
+            # a sharded policy's own save_pretrained would start collectives on process 0 alone.
+            vessel = self.models.accelerator.unwrap_model(self.trainer.policy) if self.models.lora else self.models.pi0
+            write_dir_atomic(self.round_dir(k) / "checkpoint", save(vessel, policy_state))
         self.policy_round = k
 
     def _ema_hook(self, k: int):
@@ -502,7 +513,7 @@ class Run:
     def sync(self, k: int) -> dict:
         if self.policy_round != k:
             return {"skipped": "policy unchanged this round"}
-        result = sync_and_verify(self.models, self.generator, probe_tolerance(self.recipe))
+        result = sync_and_verify(self.models, self.generator, probe_tolerance(self.recipe), self.trainer.policy)
         self.engine_round = k
         return result
 
