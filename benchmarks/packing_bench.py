@@ -5,8 +5,13 @@
 Pairs: the chat-templated prompts of recipes/data/prompts.jsonl with random completions whose
 lengths are uniform in [--min-len, --max-len] tokens (the spread a 64-token cap gives). Each
 step is one forward+backward of `--micro-pairs` pairs (chosen and rejected in one pass), timed
-alternately padded and packed on the same pairs; the medians and their ratio come from this one
-run. On CUDA it runs under bf16 autocast. Nothing is asserted.
+in turn (rotating the order) on the same pairs for three layouts:
+- padded: right-padded rows (the LM head only at scored positions, as in the trainer);
+- packed: padding-free rows, the trainer's default;
+- packed, full head: padding-free rows with the LM head and log-softmax at every position (the
+  trainer before it selected the scored positions).
+The medians and their ratios come from this one run. On CUDA it runs under bf16 autocast and
+also reports the peak memory of each layout. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from online_dpo.losses import token_logps
     from online_dpo.models import ensure_smollm2_folder
     from online_dpo.packing import pack
     from online_dpo.trainer import collate, completion_logps
@@ -68,32 +74,53 @@ def main() -> None:
             out.append((prompt, [rng.randrange(100, 40000) for _ in range(rng.randint(args.min_len, args.max_len))]))
         return out[::2] + out[1::2]  # chosen rows, then rejected rows, as the trainer lays them out
 
-    times = {True: [], False: []}
-    tokens = {True: 0, False: 0}
+    def full_head(seqs):  # logits at every position, then the completion tokens' log-probs
+        batch = pack(seqs, tok.pad_token_id or 0).to(device)
+        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
+        per_token = token_logps(logits, batch.input_ids)
+        owner = batch.owner[:, 1:]
+        return per_token.new_zeros(batch.count).index_add(0, owner[owner >= 0], per_token[owner >= 0])
+
+    layouts = {
+        "padded": lambda seqs: completion_logps(model, seqs, tok.pad_token_id or 0, device, False)[0],
+        "packed": lambda seqs: completion_logps(model, seqs, tok.pad_token_id or 0, device, True)[0],
+        "packed, full head": full_head,
+    }
+    names = list(layouts)
+    times = {n: [] for n in names}
+    peak = {n: 0 for n in names}
+    tokens = {"padded": 0, "packed": 0}
     real = 0
     for step in range(args.steps + 1):  # step 0 warms up
         seqs = sequences()
-        for padding_free in (False, True) if step % 2 else (True, False):
+        for name in names[step % 3:] + names[:step % 3]:
             sync()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                summed, _ = completion_logps(model, seqs, tok.pad_token_id or 0, device, padding_free)
+                summed = layouts[name](seqs)
             summed.sum().backward()
             model.zero_grad(set_to_none=True)
             sync()
             if step:
-                times[padding_free].append(time.perf_counter() - t0)
-                shape = pack(seqs, 0).input_ids.shape if padding_free else collate(seqs, 0)["input_ids"].shape
-                tokens[padding_free] += shape[0] * shape[1]
+                times[name].append(time.perf_counter() - t0)
+                if device.type == "cuda":
+                    peak[name] = max(peak[name], torch.cuda.max_memory_allocated())
         if step:
             real += sum(len(a) + len(b) for a, b in seqs)
-    padded, packed = statistics.median(times[False]), statistics.median(times[True])
+            tokens["packed"] += pack(seqs, 0).input_ids.numel()
+            tokens["padded"] += collate(seqs, 0)["input_ids"].numel()
+    med = {n: statistics.median(times[n]) for n in names}
     print(f"{device}, threads {torch.get_num_threads()}, {args.steps} steps of {2 * args.micro_pairs} sequences, "
           f"completions of {args.min_len}-{args.max_len} tokens")
-    print(f"tokens computed: padded {tokens[False]}, packed {tokens[True]}, real {real} "
-          f"(real/computed: padded {real / tokens[False]:.3f}, packed {real / tokens[True]:.3f})")
-    print(f"median s/step (forward+backward): padded {padded:.3f}, packed {packed:.3f}")
-    print(f"speed-up packed vs padded (ratio of medians): {padded / packed:.2f}x")
+    print(f"tokens computed: padded {tokens['padded']}, packed {tokens['packed']}, real {real} "
+          f"(real/computed: padded {real / tokens['padded']:.3f}, packed {real / tokens['packed']:.3f})")
+    print("median s/step (forward+backward): " + ", ".join(f"{n} {med[n]:.3f}" for n in names))
+    if device.type == "cuda":
+        print("peak GiB: " + ", ".join(f"{n} {peak[n] / 2**30:.2f}" for n in names))
+    print(f"speed-up packed vs padded (ratio of medians): {med['padded'] / med['packed']:.2f}x")
+    print(f"speed-up head at scored positions vs full head, packed: {med['packed, full head'] / med['packed']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,13 @@ REPO = Path(__file__).resolve().parent.parent
 PHASES = ("sample", "judge", "pairs", "train", "sync", "eval", "reference")
 RESERVED = ("name", "output_dir", "rounds")
 FLOPS_FORMULA = (
-    "train FLOPs/round = 6 * n_params * T_train, T_train = epochs * sum over pairs of "
-    "[(len(prompt)+len(chosen)) + (len(prompt)+len(rejected))] (real tokens, padding excluded); "
-    "reference FLOPs/round = 2 * n_params * T_ref, T_ref = tokens of the sequences the reference "
-    "scored by a forward pass (all of them when reference_logps_from='forward'; only the one "
-    "checked pair when 'sampler'); "
+    "train FLOPs/round = 6 * (n_params - n_head) * T_train + 6 * n_head * S_train, T_train = "
+    "epochs * sum over pairs of [(len(prompt)+len(chosen)) + (len(prompt)+len(rejected))] (real "
+    "tokens, padding excluded), S_train = epochs * sum of [len(chosen) + len(rejected)] (the LM "
+    "head runs only where a completion token is predicted); "
+    "reference FLOPs/round = 2 * (n_params - n_head) * T_ref + 2 * n_head * S_ref over the "
+    "sequences the reference scored by a forward pass (all of them when "
+    "reference_logps_from='forward'; only the one checked pair when 'sampler'); "
     "train FLOP/s = train FLOPs / train_seconds; "
     "train+ref FLOP/s = (train FLOPs + reference FLOPs) / (train_seconds + reference_seconds); "
     "fraction = FLOP/s / fp32 matmul FLOP/s (the best per-size median, measured in this process "
@@ -132,11 +134,12 @@ def round_flops_inputs(run_dir: Path, k: int, epochs: int) -> dict:
     train = json.loads((rdir / "train.json").read_text())
     if not (rdir / "pairs").exists() or not train.get("train_pairs"):
         return {"train": train, "pairs": 0, "pair_tokens": 0, "train_tokens": 0,
-                "reference_tokens": 0}
+                "reference_tokens": 0, "train_scored": 0, "reference_scored": 0}
     ds = datasets.load_from_disk(str(rdir / "pairs"))
     per_pair = [sequence_tokens(p, c) + sequence_tokens(p, r)
                 for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"],
                                    strict=True)]
+    scored = [len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"], strict=True)]
     source = train.get("reference_logps_from")
     if source == "forward":
         ref_pairs = list(range(len(per_pair)))
@@ -156,6 +159,7 @@ def round_flops_inputs(run_dir: Path, k: int, epochs: int) -> dict:
     return {"train": train, "pairs": len(per_pair), "pair_tokens": sum(per_pair),
             "train_tokens": epochs * sum(per_pair),
             "reference_tokens": sum(per_pair[i] for i in ref_pairs),
+            "train_scored": epochs * sum(scored), "reference_scored": sum(scored[i] for i in ref_pairs),
             "reference_logps_from": source}
 
 
@@ -205,6 +209,7 @@ def main(argv=None) -> int:
         peak_flops = max(matmul_before["peak_flops_per_second"],
                          matmul_after["peak_flops_per_second"])
         n_params = sum(p.numel() for p in run.models.policy.parameters())
+        n_head = run.models.policy.get_output_embeddings().weight.numel()
         rows = [json.loads(line) for line in (run.dir / "metrics.jsonl").read_text().splitlines()
                 if line.strip()]
         rounds = []
@@ -215,8 +220,8 @@ def main(argv=None) -> int:
             phase = row["phase_seconds"]
             round_s = row["round_seconds"]
             train_s, ref_s = train.get("train_seconds"), train.get("reference_seconds")
-            train_flops = 6 * n_params * fl["train_tokens"]
-            ref_flops = 2 * n_params * fl["reference_tokens"]
+            train_flops = 6 * ((n_params - n_head) * fl["train_tokens"] + n_head * fl["train_scored"])
+            ref_flops = 2 * ((n_params - n_head) * fl["reference_tokens"] + n_head * fl["reference_scored"])
             train_fps = train_flops / train_s if train_s else None
             both_fps = ((train_flops + ref_flops) / (train_s + ref_s)
                         if train_s and ref_s is not None else None)
@@ -354,7 +359,7 @@ def main(argv=None) -> int:
     if lo < 0.75 * peak_flops:
         print("  WARNING: matmul throughput changed by more than 25% between before and after the "
               "run: the machine's load changed; FLOP/s fractions are unreliable.")
-    print(f"  n_params (policy, tied weights counted once) = {n_params:,}")
+    print(f"  n_params (policy, tied weights counted once) = {n_params:,}; n_head = {n_head:,}")
     print(f"  formula: {FLOPS_FORMULA}")
     print(f"{'round':>5} {'ref from':>9} {'T_train':>8} {'T_ref':>6} {'train s':>8} {'ref s':>7} "
           f"{'train GF/s':>11} {'frac':>6} {'tr+ref GF/s':>12} {'frac':>6}")
@@ -388,7 +393,7 @@ def main(argv=None) -> int:
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_count": os.cpu_count(), "load_average_start": load_start,
         "load_average_end": os.getloadavg(), "matmul_peak_used": peak_flops,
-        "execute_wall_seconds": wall, "n_params": n_params, "flops_formula": FLOPS_FORMULA,
+        "execute_wall_seconds": wall, "n_params": n_params, "n_head": n_head, "flops_formula": FLOPS_FORMULA,
         "matmul_before_run": matmul_before, "matmul_after_run": matmul_after,
         "peak_rss_gib": gib_from_kib(final_peak_kib),
         "per_round": rounds, "medians_excluding_round_1": medians,

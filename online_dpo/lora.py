@@ -33,6 +33,9 @@ class AdapterDisabled(torch.nn.Module):
         super().__init__()
         self._peft = [peft_model]  # a list, so the policy is not registered as a submodule
 
+    def get_output_embeddings(self):
+        return self._peft[0].get_output_embeddings()
+
     def forward(self, *args, **kwargs):
         with torch.no_grad(), self._peft[0].disable_adapter():
             return self._peft[0](*args, **kwargs)

@@ -14,8 +14,8 @@ from tqdm.auto import tqdm
 
 from online_dpo.config import LossConfig, TrainConfig
 from online_dpo.faults import maybe_kill
-from online_dpo.losses import dpo_loss, kto_loss, sequence_logps
-from online_dpo.packing import pack, packed_logps
+from online_dpo.losses import dpo_loss, kto_loss
+from online_dpo.packing import pack, packed_logps, scored_token_logps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,9 +57,13 @@ def pair_sequences(pairs: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
     return [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
 
 
-def batch_logps(model, batch: dict[str, torch.Tensor], average: bool) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"], average=average)
+def batch_logps(model, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
+    """Summed (or mean) completion log-probs of a right-padded batch, one per row."""
+    target = batch["completion_mask"][:, 1:].bool()
+    per_token = scored_token_logps(model, batch["input_ids"], target, attention_mask=batch["attention_mask"])
+    rows = torch.arange(len(target), device=target.device).unsqueeze(1).expand_as(target)[target]
+    summed = per_token.new_zeros(len(target)).index_add(0, rows, per_token)
+    return summed / target.sum(-1).clamp(min=1) if average else summed
 
 
 def completion_logps(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int,
@@ -68,7 +72,7 @@ def completion_logps(model, sequences: Sequence[tuple[list[int], list[int]]], pa
     if padding_free:
         return packed_logps(model, pack(sequences, pad_id).to(device))
     batch = {k: v.to(device) for k, v in collate(sequences, pad_id).items()}
-    return batch_logps(model, batch, average=False), batch["completion_mask"][:, 1:].sum(-1)
+    return batch_logps(model, batch), batch["completion_mask"][:, 1:].sum(-1)
 
 
 @torch.no_grad()

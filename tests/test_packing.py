@@ -8,10 +8,12 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 from online_dpo.config import LossConfig, TrainConfig
+from online_dpo.losses import sequence_logps
 from online_dpo.packing import (
     PackingUnsupportedError,
     assign_rows,
     check_packing,
+    output_head,
     pack,
     packed_logps,
 )
@@ -49,20 +51,49 @@ def tiny(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
 
 
-def test_packed_logps_and_gradients_match_padded(tiny):
+def _full_logits_logps(model, sequences):
+    """The plain reference: logits at every position of a padded batch, then sequence_logps."""
+    batch = collate(sequences, 2)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logps(logits, batch["input_ids"], batch["completion_mask"])
+
+
+def _logps_and_grads(model, fn):
+    model.zero_grad()
+    out = fn()
+    out.sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("path", ["packed", "padded"])
+def test_head_on_scored_positions_only_matches_full_logits(tiny, path):
+    """Packed and padded batches run the LM head only where a completion token is predicted;
+    log-probs and gradients equal those of full logits at every position."""
     sequences = _sequences()
-    packed = pack(sequences, pad_id=2)
-    assert packed.input_ids.numel() < collate(sequences, 2)["input_ids"].numel()
-    summed, lengths = packed_logps(tiny, packed)
-    summed.sum().backward()
-    grads = [p.grad.clone() for p in tiny.parameters()]
-    tiny.zero_grad()
-    padded = batch_logps(tiny, collate(sequences, 2), average=False)
-    padded.sum().backward()
-    torch.testing.assert_close(summed, padded, atol=1e-4, rtol=1e-5)
-    assert lengths.tolist() == [len(c) for _, c in sequences]
-    for g, p in zip(grads, tiny.parameters()):
-        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+    expected, expected_grads = _logps_and_grads(tiny, lambda: _full_logits_logps(tiny, sequences))
+    if path == "packed":
+        packed = pack(sequences, pad_id=2)
+        assert packed.input_ids.numel() < collate(sequences, 2)["input_ids"].numel()
+        got, grads = _logps_and_grads(tiny, lambda: packed_logps(tiny, packed)[0])
+        assert packed_logps(tiny, packed)[1].tolist() == [len(c) for _, c in sequences]
+    else:
+        got, grads = _logps_and_grads(tiny, lambda: batch_logps(tiny, collate(sequences, 2)))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    # The head's hook is gone afterwards: a plain forward gives logits at every position again.
+    ids = torch.tensor([[1, 5, 6, 7]])
+    assert tiny(input_ids=ids).logits.shape[:2] == (1, 4)
+
+
+def test_the_head_hook_is_removed_when_the_forward_fails(tiny, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(tiny.model, "forward", fail)  # the decoder stack, below the head
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batch_logps(tiny, collate(_sequences(), 2))
+    assert not output_head(tiny)._forward_pre_hooks
 
 
 class _IgnoresPositions(torch.nn.Module):
@@ -71,6 +102,9 @@ class _IgnoresPositions(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=None):
         return self.inner(input_ids=input_ids, attention_mask=attention_mask)
