@@ -50,7 +50,7 @@ def main() -> None:
 
     from online_dpo.losses import token_logps
     from online_dpo.models import ensure_smollm2_folder
-    from online_dpo.packing import pack
+    from online_dpo.packing import pack, packed_logps
     from online_dpo.trainer import collate, completion_logps
 
     folder = args.random_init or ensure_smollm2_folder()
@@ -65,35 +65,43 @@ def main() -> None:
     prompts = [json.loads(line)["prompt"] for line in (REPO / "recipes/data/prompts.jsonl").open()]
     rng = random.Random(0)
 
+    def completion():
+        return [rng.randrange(100, 40000) for _ in range(rng.randint(args.min_len, args.max_len))]
+
     def sequences():
-        out = []
+        pairs = []
         for _ in range(args.micro_pairs):
             text = tok.apply_chat_template([{"role": "user", "content": rng.choice(prompts)}],
                                            add_generation_prompt=True, tokenize=False)
             prompt = tok(text, add_special_tokens=False).input_ids
-            out.append((prompt, [rng.randrange(100, 40000) for _ in range(rng.randint(args.min_len, args.max_len))]))
-        return out[::2] + out[1::2]  # chosen rows, then rejected rows, as the trainer lays them out
+            pairs.append(((prompt, completion()), (prompt, completion())))
+        return [c for c, _ in pairs] + [r for _, r in pairs]  # chosen rows, then rejected rows, as the trainer
 
-    def full_head(seqs):  # logits at every position, then the completion tokens' log-probs
-        batch = pack(seqs, tok.pad_token_id or 0).to(device)
+    pad = tok.pad_token_id or 0
+
+    def full_head(seqs):  # no shared prompt, logits at every position (before this was optimised)
+        batch = pack(seqs, pad, share_prompts=False).to(device)
         logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False).logits
-        per_token = token_logps(logits, batch.input_ids)
-        owner = batch.owner[:, 1:]
-        return per_token.new_zeros(batch.count).index_add(0, owner[owner >= 0], per_token[owner >= 0])
+        per_token = token_logps(logits, batch.input_ids).flatten()
+        # token_logps drops each row's last position: shift flat indices from width to width-1.
+        width = batch.input_ids.shape[1]
+        flat = batch.score_index // width * (width - 1) + batch.score_index % width
+        return per_token.new_zeros(batch.count).index_add(0, batch.score_owner, per_token[flat])
 
     layouts = {
-        "padded": lambda seqs: completion_logps(model, seqs, tok.pad_token_id or 0, device, False)[0],
-        "packed": lambda seqs: completion_logps(model, seqs, tok.pad_token_id or 0, device, True)[0],
-        "packed, full head": full_head,
+        "padded": lambda seqs: completion_logps(model, seqs, pad, device, False)[0],
+        "packed": lambda seqs: completion_logps(model, seqs, pad, device, True)[0],
+        "packed, prompt per sequence": lambda seqs: packed_logps(model, pack(seqs, pad, share_prompts=False).to(device))[0],
+        "packed, prompt per sequence, full head": full_head,
     }
     names = list(layouts)
     times = {n: [] for n in names}
     peak = {n: 0 for n in names}
-    tokens = {"padded": 0, "packed": 0}
+    tokens = {"padded": 0, "packed": 0, "unshared": 0}
     real = 0
     for step in range(args.steps + 1):  # step 0 warms up
         seqs = sequences()
-        for name in names[step % 3:] + names[:step % 3]:
+        for name in names[step % len(names):] + names[:step % len(names)]:
             sync()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -110,17 +118,21 @@ def main() -> None:
         if step:
             real += sum(len(a) + len(b) for a, b in seqs)
             tokens["packed"] += pack(seqs, 0).input_ids.numel()
+            tokens["unshared"] += pack(seqs, 0, share_prompts=False).input_ids.numel()
             tokens["padded"] += collate(seqs, 0)["input_ids"].numel()
     med = {n: statistics.median(times[n]) for n in names}
     print(f"{device}, threads {torch.get_num_threads()}, {args.steps} steps of {2 * args.micro_pairs} sequences, "
           f"completions of {args.min_len}-{args.max_len} tokens")
-    print(f"tokens computed: padded {tokens['padded']}, packed {tokens['packed']}, real {real} "
-          f"(real/computed: padded {real / tokens['padded']:.3f}, packed {real / tokens['packed']:.3f})")
+    print(f"tokens computed: padded {tokens['padded']}, packed {tokens['packed']} (prompt per sequence: "
+          f"{tokens['unshared']}), real sequence tokens {real}")
     print("median s/step (forward+backward): " + ", ".join(f"{n} {med[n]:.3f}" for n in names))
     if device.type == "cuda":
         print("peak GiB: " + ", ".join(f"{n} {peak[n] / 2**30:.2f}" for n in names))
-    print(f"speed-up packed vs padded (ratio of medians): {med['padded'] / med['packed']:.2f}x")
-    print(f"speed-up head at scored positions vs full head, packed: {med['packed, full head'] / med['packed']:.2f}x")
+    unshared, full = med["packed, prompt per sequence"], med["packed, prompt per sequence, full head"]
+    print(f"packed vs padded (ratio of medians): {med['padded'] / med['packed']:.2f}x")
+    print(f"shared prompt vs prompt per sequence: {unshared / med['packed']:.2f}x")
+    print(f"head at scored positions vs full head (prompt per sequence): {full / unshared:.2f}x")
+    print(f"packed now vs packed with prompt per sequence and full head: {full / med['packed']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 import transformers
 
 from online_dpo.models import cache_root
+from online_dpo.packing import LAYOUT
 
 Sequences = Sequence[tuple[list[int], list[int]]]
 
@@ -31,7 +32,8 @@ def model_fingerprint(model_dir: Path, *, dtype: torch.dtype, device: str, paddi
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
-    digest.update(f"{dtype}|{device}|{padding_free}|{torch.__version__}|{transformers.__version__}".encode())
+    layout = LAYOUT if padding_free else "padded"
+    digest.update(f"{dtype}|{device}|{layout}|{torch.__version__}|{transformers.__version__}".encode())
     return digest.hexdigest()[:24]
 
 

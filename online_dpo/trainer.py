@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from online_dpo.config import LossConfig, TrainConfig
 from online_dpo.faults import maybe_kill
 from online_dpo.losses import dpo_loss, kto_loss
-from online_dpo.packing import pack, packed_logps, scored_token_logps
+from online_dpo.packing import pack, packed_logps, prompt_groups, scored_token_logps
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,9 +59,11 @@ def pair_sequences(pairs: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
 
 def batch_logps(model, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
     """Summed (or mean) completion log-probs of a right-padded batch, one per row."""
-    target = batch["completion_mask"][:, 1:].bool()
-    per_token = scored_token_logps(model, batch["input_ids"], target, attention_mask=batch["attention_mask"])
-    rows = torch.arange(len(target), device=target.device).unsqueeze(1).expand_as(target)[target]
+    target = batch["completion_mask"][:, 1:].bool()  # position t predicts token t+1
+    rows, cols = target.nonzero(as_tuple=True)
+    index = rows * batch["input_ids"].shape[1] + cols
+    per_token = scored_token_logps(model, batch["input_ids"], index, batch["input_ids"][:, 1:][target],
+                                   attention_mask=batch["attention_mask"])
     summed = per_token.new_zeros(len(target)).index_add(0, rows, per_token)
     return summed / target.sum(-1).clamp(min=1) if average else summed
 
@@ -80,12 +82,15 @@ def score_sequences(model, sequences: Sequence[tuple[list[int], list[int]]], pad
                     device: torch.device, batch_size: int = 8, average: bool = False,
                     padding_free: bool = True) -> torch.Tensor:
     """Summed (or mean) completion log-probs of many sequences under a frozen model, in batches."""
-    out = []
-    for start in range(0, len(sequences), batch_size):
-        summed, lengths = completion_logps(model, sequences[start:start + batch_size], pad_id, device,
-                                           padding_free)
-        out.append((summed / lengths.clamp(min=1) if average else summed).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    # Sequences of one prompt (a pair's two sides, a prompt's samples) go into the same batch,
+    # where the packer computes their prompt once.
+    order = [i for group in prompt_groups(sequences) for i in group]
+    out = torch.zeros(len(sequences))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        summed, lengths = completion_logps(model, [sequences[i] for i in idx], pad_id, device, padding_free)
+        out[idx] = (summed / lengths.clamp(min=1) if average else summed).float().cpu()
+    return out
 
 
 class DPOTrainer:
