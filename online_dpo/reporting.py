@@ -61,7 +61,7 @@ def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
         metrics[key] = train.get(key)
     for key in ("sync_seconds", "probe_max_abs_diff"):
         metrics[key] = summaries["sync"].get(key)
-    metrics.update({k2: v for k2, v in summaries["eval"].items() if k2 != "seconds"})
+    metrics.update({k2: v for k2, v in summaries["eval"].items() if k2 not in ("seconds", "skipped")})
     metrics["phase_seconds"] = {p: s["seconds"] for p, s in summaries.items()}
     metrics["round_seconds"] = sum(metrics["phase_seconds"].values())
     return metrics
@@ -101,14 +101,17 @@ def plot_run(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r["round"] for r in rows]
+    def series(key):  # rounds without the metric (offline, or not evaluated: eval.every) are left out
+        kept = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+        return ([k for k, _ in kept], [v for _, v in kept])
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(rounds, [r.get("judge_score") for r in rows], "o-", label="fresh samples")
-    ax1.plot(rounds, [r.get("eval_judge_score") for r in rows], "s--", label="held-out (after update)")
+    ax1.plot(*series("judge_score"), "o-", label="fresh samples")
+    ax1.plot(*series("eval_judge_score"), "s--", label="held-out (after update)")
     ax1.set_xlabel("round")
     ax1.set_ylabel("mean judge score")
     ax1.legend()
-    ax2.plot(rounds, [r.get("kl_to_reference") for r in rows], "o-", color="tab:red")
+    ax2.plot(*series("kl_to_reference"), "o-", color="tab:red")
     ax2.set_xlabel("round")
     ax2.set_ylabel("KL to reference (nats)")
     fig.tight_layout()

@@ -534,6 +534,9 @@ class Run:
     def evaluate(self, k: int) -> dict:
         """Held-out prompts: eval-judge score, length, EOS rate, KL to the round's reference (before
         any swap) and to pi_0, win rate against pi_0's samples, and adaptive beta's next value."""
+        every = self.recipe.eval.every
+        if k != self.recipe.rounds and (every == 0 or k % every):
+            return {"skipped": f"eval.every={every}"}
         records, stats = self._sample(self.eval_rows, self._eval_settings(50_000))
         write_jsonl(self.round_dir(k) / "eval_samples.jsonl", records)
         m = self.models

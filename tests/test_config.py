@@ -45,6 +45,8 @@ def test_defaults_and_nesting():
         ({"name": "x", "rounds": 1, "data": {"prompts": "p"}}, "missing required key judge"),
         (minimal(judge={"kwargs": {}}), "missing required key judge.target"),
         (minimal(judge="judges.rules:X"), "judge: expected a mapping"),
+        (minimal(eval={"every": -1}), "eval.every: must be >= 0"),
+        (minimal(eval={"every": 2}, loss={"target_kl": 2.0}), "eval.every: adaptive beta"),
     ],
 )
 def test_bad_recipes_name_the_key(data, message):

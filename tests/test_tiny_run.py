@@ -131,3 +131,20 @@ def test_run_survives_a_round_without_pairs(tiny_model_dir, prompts_file, tmp_pa
     assert [r["pairs_failed"] for r in rows] == [4, 4]
     assert [r["train_pairs"] for r in rows] == [0, 0]
     assert not (run.dir / "round_1" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("every, evaluated", [(2, [2, 3]), (0, [3])])
+def test_eval_every_n_rounds_and_always_the_last(tiny_model_dir, prompts_file, tmp_path, every, evaluated):
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=3, **{"eval.every": every})
+    run = Run(recipe_from_dict(data))
+    rows = run.execute()
+    for row in rows:
+        k = row["round"]
+        summary = json.loads((run.dir / f"round_{k}" / "eval.json").read_text())
+        assert (k in evaluated) == ("skipped" not in summary), k
+        assert (row.get("kl_to_pi0") is not None) == (k in evaluated)
+        assert (row.get("win_rate_vs_pi0") is not None) == (k in evaluated)
+        assert (run.dir / f"round_{k}" / "eval_samples.jsonl").exists() == (k in evaluated)
+        assert row["judge_score"] is not None  # fresh samples are judged every round regardless
+    assert "| - |" in (run.dir / "metrics.md").read_text()
+    assert (run.dir / "plot.png").stat().st_size > 1000
