@@ -32,8 +32,9 @@ PHASES = ("sample", "judge", "pairs", "train", "sync", "eval", "reference")
 RESERVED = ("name", "output_dir", "rounds")
 FLOPS_FORMULA = (
     "train FLOPs/round = 6 * (n_params - n_head) * T_train + 6 * n_head * S_train, T_train = "
-    "epochs * sum over pairs of [(len(prompt)+len(chosen)) + (len(prompt)+len(rejected))] (real "
-    "tokens, padding excluded), S_train = epochs * sum of [len(chosen) + len(rejected)] (the LM "
+    "epochs * sum over pairs of [len(prompt) + len(chosen) + len(rejected)] (real tokens, padding "
+    "excluded; the pair's two sides share the prompt; 2 * len(prompt) with train.padding_free "
+    "false), S_train = epochs * sum of [len(chosen) + len(rejected)] (the LM "
     "head runs only where a completion token is predicted); "
     "reference FLOPs/round = 2 * (n_params - n_head) * T_ref + 2 * n_head * S_ref over the "
     "sequences the reference scored by a forward pass (all of them when "
@@ -126,8 +127,9 @@ def sequence_tokens(prompt: list, completion: list) -> int:
     return len(prompt) + len(completion)
 
 
-def round_flops_inputs(run_dir: Path, k: int, epochs: int) -> dict:
-    """Token counts for the FLOP estimate of round k, from its pairs/ dataset and train.json."""
+def round_flops_inputs(run_dir: Path, k: int, epochs: int, shared_prompt: bool) -> dict:
+    """Token counts for the FLOP estimate of round k, from its pairs/ dataset and train.json.
+    shared_prompt: padding-free batches compute a pair's prompt once."""
     import datasets
 
     rdir = run_dir / f"round_{k}"
@@ -136,7 +138,7 @@ def round_flops_inputs(run_dir: Path, k: int, epochs: int) -> dict:
         return {"train": train, "pairs": 0, "pair_tokens": 0, "train_tokens": 0,
                 "reference_tokens": 0, "train_scored": 0, "reference_scored": 0}
     ds = datasets.load_from_disk(str(rdir / "pairs"))
-    per_pair = [sequence_tokens(p, c) + sequence_tokens(p, r)
+    per_pair = [sequence_tokens(p, c) + sequence_tokens(p, r) - shared_prompt * len(p)
                 for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"],
                                    strict=True)]
     scored = [len(c) + len(r) for c, r in zip(ds["chosen_ids"], ds["rejected_ids"], strict=True)]
@@ -215,7 +217,7 @@ def main(argv=None) -> int:
         rounds = []
         for row in rows:
             k = row["round"]
-            fl = round_flops_inputs(run.dir, k, recipe.train.epochs)
+            fl = round_flops_inputs(run.dir, k, recipe.train.epochs, recipe.train.padding_free)
             train = fl["train"]
             phase = row["phase_seconds"]
             round_s = row["round_seconds"]
