@@ -30,6 +30,7 @@ from online_dpo.losses import token_logps
 # in their last bits.
 LAYOUT = "rows-2x-ffd, shared-prompt groups, head at scored positions"
 
+
 class PackingUnsupportedError(RuntimeError):
     pass
 
