@@ -5,11 +5,12 @@
 Pairs: the chat-templated prompts of recipes/data/prompts.jsonl with random completions whose
 lengths are uniform in [--min-len, --max-len] tokens (the spread a 64-token cap gives). Each
 step is one forward+backward of `--micro-pairs` pairs (chosen and rejected in one pass), timed
-in turn (rotating the order) on the same pairs for three layouts:
+in turn (rotating the order) on the same pairs for four layouts:
 - padded: right-padded rows (the LM head only at scored positions, as in the trainer);
-- packed: padding-free rows, the trainer's default;
-- packed, full head: padding-free rows with the LM head and log-softmax at every position (the
-  trainer before it selected the scored positions).
+- packed: padding-free rows with each pair's prompt computed once, the trainer's default;
+- packed, prompt per sequence: padding-free rows, every sequence with its own prompt copy;
+- packed, prompt per sequence, full head: the same with the LM head and log-softmax at every
+  position (the trainer before it shared prompts and selected the scored positions).
 The medians and their ratios come from this one run. On CUDA it runs under bf16 autocast and
 also reports the peak memory of each layout. Nothing is asserted.
 """
