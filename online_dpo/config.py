@@ -125,10 +125,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     gradient_checkpointing: bool = False
     padding_free: bool = True
-    lora: AdapterConfig | None = None
-    """Set (e.g. `train.lora: {rank: 16}`) to train a LoRA adapter instead of all weights."""
     """Pack sequences into rows with restarting position ids instead of padding them (verified
     against a padded forward once per run; turn off for an architecture that fails the check)."""
+    lora: AdapterConfig | None = None
+    """Set (e.g. `train.lora: {rank: 16}`) to train a LoRA adapter instead of all weights."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_dpo.config import Recipe
 from online_dpo.data import to_messages
-from online_dpo.distributed import full_state_dict
+from online_dpo.distributed import check_supported, full_state_dict, load_models_whole
 from online_dpo.generation.base import Generator
 from online_dpo.lora import AdapterDisabled, add_adapter, merged_state_dict
 from online_dpo.losses import token_logps
@@ -72,6 +72,8 @@ class Models:
             # Master weights stay fp32; CUDA computes in bf16 (bf16 on this CPU is ~9x slower).
             mixed_precision="bf16" if torch.cuda.is_available() else "no",
         )
+        check_supported(self.accelerator, recipe)  # before loading: the checks are cheap, loads are not
+        load_models_whole(self.accelerator)
         self.device = self.accelerator.device
         self.policy = self.load(self.model_dir).train()
         self.lora = recipe.train.lora

@@ -35,7 +35,7 @@ from online_dpo.artifacts import (
 )
 from online_dpo.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from online_dpo.data import load_prompt_rows, split_prompts
-from online_dpo.distributed import Processes, check_supported
+from online_dpo.distributed import Processes
 from online_dpo.engine import (
     Models,
     build_generator,
@@ -148,7 +148,6 @@ class Run:
 
         torch.manual_seed(recipe.seed)
         self.models = Models(recipe)
-        check_supported(self.models.accelerator, recipe)
         self.policy_round = self._restore_policy()
         self.reference_round = self._restore_reference()
         self.reference_cache_hits = 0  # sequences whose pi_0 log-probs came from the cross-run cache

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from online_dpo.config import LossConfig, TrainConfig
+from online_dpo.distributed import describe, prepare_deepspeed_config, uses_deepspeed
 from online_dpo.faults import maybe_kill
 from online_dpo.losses import dpo_loss, kto_loss
 from online_dpo.packing import pack, packed_logps, prompt_groups, scored_token_logps
@@ -107,6 +108,9 @@ class DPOTrainer:
             [p for p in policy.parameters() if p.requires_grad], lr=train.learning_rate,
             weight_decay=train.weight_decay,
         )
+        self.deepspeed = uses_deepspeed(accelerator)
+        if self.deepspeed:
+            prepare_deepspeed_config(accelerator, train)
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
 
     @property
@@ -170,14 +174,12 @@ class DPOTrainer:
                     weight = len(idx) * world / len(step_idx)
                     sync = m == n_micro - 1
                     with contextlib.nullcontext() if sync else acc.no_sync(self.policy):
-                        out = micro(idx or step_idx[:1], weight)
+                        loss, out = micro(idx or step_idx[:1], weight)
+                        self._backward(loss, last_of_step=sync)
                     for k, v in out.items():  # every key on every process, so the reduce lines up
                         totals[k] = totals.get(k, 0.0) + (v if idx else 0.0)
                     micro_batches += bool(idx)
-                norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm)
-                grad_norms.append(float(norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                grad_norms.append(self._step())
                 step += 1
                 if on_step is not None:
                     on_step(step)  # e.g. the EMA reference update
@@ -194,14 +196,34 @@ class DPOTrainer:
             totals, micro_batches = dict(zip(keys, summed[:-1])), int(summed[-1])
         metrics = {k: v / max(micro_batches, 1) for k, v in totals.items()}
         metrics.update(optimizer_steps=step, grad_norm=sum(grad_norms) / max(len(grad_norms), 1),
-                       train_seconds=time.perf_counter() - t0)
+                       train_seconds=time.perf_counter() - t0, processes=world, distributed=describe(acc))
         return metrics
+
+    def _backward(self, loss: torch.Tensor, last_of_step: bool) -> None:
+        if self.deepspeed:
+            # The engine's own calls, not accelerate's backward (which steps the engine after every
+            # micro-batch unless accelerate's accumulation counter drives the loop): the step's
+            # last backward is the accumulation boundary, where ZeRO reduces the gradients.
+            self.policy.set_gradient_accumulation_boundary(last_of_step)
+            self.policy.backward(loss)
+        else:
+            self.accelerator.backward(loss)
+
+    def _step(self) -> float:
+        """Clip, step, zero; returns the gradient norm before clipping."""
+        if self.deepspeed:
+            self.policy.step()  # clips at gradient_clipping (= train.max_grad_norm), steps AdamW, zeroes
+            return float(self.policy.get_global_grad_norm())
+        norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     def _logps(self, sequences) -> tuple[torch.Tensor, torch.Tensor]:
         with self.accelerator.autocast():
             return completion_logps(self.policy, sequences, self.pad_id, self.device, self.cfg.padding_free)
 
-    def _kto_micro_step(self, examples, idx, reference_logps, weight) -> dict:
+    def _kto_micro_step(self, examples, idx, reference_logps, weight) -> tuple[torch.Tensor, dict]:
         chosen = [examples[i] for i in idx]
         logps, _ = self._logps([(e.prompt_ids, e.completion_ids) for e in chosen])
         ref = reference_logps[idx].to(self.device)
@@ -215,14 +237,16 @@ class DPOTrainer:
         loss = losses.mean()
         if not torch.isfinite(loss):
             raise NonFiniteLossError(f"non-finite KTO loss {loss.item()}; lower train.learning_rate")
-        self.accelerator.backward(loss * weight)
         above = rewards > self.beta * z0.detach().clamp(min=0)
         good, bad = rewards[desirable], rewards[~desirable]
-        return {"loss": loss.item(), "accuracy": (above == desirable).float().mean().item(),
-                "chosen_reward": good.mean().item() if len(good) else 0.0,
-                "rejected_reward": bad.mean().item() if len(bad) else 0.0}
+        return loss * weight, {
+            "loss": loss.item(), "accuracy": (above == desirable).float().mean().item(),
+            "chosen_reward": good.mean().item() if len(good) else 0.0,
+            "rejected_reward": bad.mean().item() if len(bad) else 0.0,
+        }
 
-    def _micro_step(self, pairs, idx, reference_chosen, reference_rejected, weight) -> dict:
+    def _micro_step(self, pairs, idx, reference_chosen, reference_rejected, weight) -> tuple[torch.Tensor, dict]:
+        """The weighted loss to backpropagate, and the micro-batch's metrics."""
         n = len(idx)
         summed, lengths = self._logps(pair_sequences([pairs[i] for i in idx]))
         lengths = lengths.clamp(min=1)
@@ -245,8 +269,7 @@ class DPOTrainer:
                 f"non-finite DPO loss {loss.item()} (policy logps {logps.tolist()}); "
                 "lower train.learning_rate or loss.beta. The last good checkpoint is kept."
             )
-        self.accelerator.backward(loss * weight)
-        return {
+        return loss * weight, {
             "loss": loss.item(),
             "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
             "chosen_reward": chosen_rewards.mean().item(),

