@@ -213,7 +213,8 @@ class DPOTrainer:
         """Clip, step, zero; returns the gradient norm before clipping."""
         if self.deepspeed:
             self.policy.step()  # clips at gradient_clipping (= train.max_grad_norm), steps AdamW, zeroes
-            return float(self.policy.get_global_grad_norm())
+            norm = self.policy.get_global_grad_norm()  # None when DeepSpeed did not need it
+            return float("nan") if norm is None else float(norm)
         norm = self.accelerator.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
