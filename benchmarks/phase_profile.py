@@ -2,8 +2,8 @@
 
 1. vLLM sampling at a round's shape (`--prompts` prompts x `--n` samples, `--max-tokens` tokens,
    EOS ignored so every variant does the same work), timed for sampler settings that change the
-   cost per token: top-p 0.95 vs 1.0 (vLLM sorts the whole vocabulary for top-p), a seed per
-   request vs none, and the sampled token's log-prob vs none. Alternated, `--repeats` times;
+   cost per token: top-p 0.95 by our top-k search (the default on CPU) or by vLLM's sort of the
+   whole vocabulary, top-p 1.0, a seed per request vs none, and the sampled token's log-prob vs none. Alternated, `--repeats` times;
    prints median tok/s and each variant's ratio to the recipe's setting.
 2. The torch operator profile (self CPU time) of one such generate call.
 3. The torch operator profile of training micro-steps (the trainer's packed forward+backward) on
@@ -25,8 +25,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-VARIANTS = {  # name: SamplingParams changes from the recipe's setting
+VARIANTS = {  # name: SamplingParams changes from the recipe's setting ("sort": vLLM's own top-p)
     "recipe (top-p 0.95, seeded, log-probs)": {},
+    "top-p 0.95 by vLLM's full sort": {"sort": True},
     "top-p 1.0": {"top_p": 1.0},
     "no per-request seed": {"seed": None},
     "no log-probs": {"logprobs": None},
@@ -53,6 +54,7 @@ def main() -> None:
 
     from online_dpo.config import load_recipe
     from online_dpo.engine import Models, build_generator
+    from online_dpo.generation import top_p
     from online_dpo.trainer import completion_logps
 
     recipe = load_recipe(str(REPO / "recipes" / "quickstart.yaml"), [])
@@ -69,10 +71,16 @@ def main() -> None:
         settings = {"n": args.n, "temperature": 0.8, "top_p": 0.95, "max_tokens": max_tokens,
                     "logprobs": 0, "ignore_eos": True, **changes}
         seeded = settings.pop("seed", 0) is not None
+        if settings.pop("sort", False):
+            top_p.uninstall()
         params = [SamplingParams(**settings, **({"seed": i} if seeded else {})) for i in range(len(requests))]
-        t0 = time.perf_counter()
-        out = generator.llm.generate(requests, params, use_tqdm=False)
-        return sum(len(o.token_ids) for r in out for o in r.outputs) / (time.perf_counter() - t0)
+        try:
+            t0 = time.perf_counter()
+            out = generator.llm.generate(requests, params, use_tqdm=False)
+            seconds = time.perf_counter() - t0
+        finally:
+            top_p.install()  # build_generator's default on CPU
+        return sum(len(o.token_ids) for r in out for o in r.outputs) / seconds
 
     def table(prof) -> str:
         return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows,

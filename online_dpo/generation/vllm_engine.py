@@ -49,11 +49,15 @@ def configure_vllm_env(kv_cache_gib: int) -> None:
 class VLLMGenerator:
     def __init__(self, model_dir: str, dtype: torch.dtype, seed: int, kv_cache_gib: int = 1,
                  gpu_memory_utilization: float = 0.4, max_model_len: int = 2048,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, cpu_top_p_without_sort: bool = True):
         configure_vllm_env(kv_cache_gib)
         from vllm import LLM
 
         on_cuda = torch.cuda.is_available()
+        if not on_cuda:  # the engine samples in this process (configure_vllm_env), so this reaches it
+            from online_dpo.generation import top_p
+
+            top_p.install() if cpu_top_p_without_sort else top_p.uninstall()
         self.llm = LLM(
             model=str(model_dir),
             dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
