@@ -57,7 +57,10 @@ class VLLMGenerator:
         if not on_cuda:  # the engine samples in this process (configure_vllm_env), so this reaches it
             from online_dpo.generation import top_p
 
-            top_p.install() if cpu_top_p_without_sort else top_p.uninstall()
+            if cpu_top_p_without_sort:
+                top_p.install()
+            else:
+                top_p.uninstall()
         self.llm = LLM(
             model=str(model_dir),
             dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
