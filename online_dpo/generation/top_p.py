@@ -35,11 +35,9 @@ def top_p_mask(logits: torch.Tensor, p: torch.Tensor, full_sort) -> torch.Tensor
         found = ~keep[:, -1] | (count == probs.shape[-1])  # the nucleus ends among the candidates
         if found.any():
             rows = pending[found]
-            masked = torch.full_like(logits[rows], float("-inf"))
-            kept_index = index[found]
-            kept_logits = logits[rows].gather(-1, kept_index)
-            kept_logits.masked_fill_(~keep[found], float("-inf"))
-            logits[rows] = masked.scatter_(-1, kept_index, kept_logits)
+            selected = logits[rows]
+            kept = selected.gather(-1, index[found]).masked_fill_(~keep[found], float("-inf"))
+            logits[rows] = torch.full_like(selected, float("-inf")).scatter_(-1, index[found], kept)
         pending, probs = pending[~found], probs[~found]
         if len(pending) == 0:
             return logits
