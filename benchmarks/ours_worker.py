@@ -62,6 +62,13 @@ def write_prompts(src: str, n: int, dest: Path) -> None:
     dest.write_text("\n".join(lines[:n] + lines[-1:]) + "\n")
 
 
+def field_names(cls) -> set[str]:
+    """A recipe section's keys: pydantic models, or dataclasses in trees before the pydantic config."""
+    if hasattr(cls, "model_fields"):
+        return set(cls.model_fields)
+    return {f.name for f in dataclasses.fields(cls)}
+
+
 def build_recipe_dict(args, prompts: Path, out_dir: str) -> dict:
     per_step = args.micro_batch * args.grad_accum
     return {
@@ -72,7 +79,7 @@ def build_recipe_dict(args, prompts: Path, out_dir: str) -> dict:
         "model": {"path": args.model, "dtype": "float32"},
         # eval_prompts cannot be 0: the smallest held-out evaluation our loop allows (1 prompt).
         "data": {"prompts": str(prompts), "prompts_per_round": per_step, "eval_prompts": 1},
-        "generation": {"backend": "vllm", "n": 2, "temperature": args.temperature,
+        "generation": {"backend": "vllm", "samples_per_prompt": 2, "temperature": args.temperature,
                        "top_p": args.top_p, "max_tokens": args.max_tokens},
         "judge": {"target": "judges.rules:ConciseAnswerJudge",
                   "kwargs": {"max_words": args.max_words}},
@@ -103,11 +110,13 @@ def main(argv=None) -> dict:
     prompts = work / "prompts.jsonl"
     write_prompts(args.prompts, args.pairs, prompts)
     data = build_recipe_dict(args, prompts, str(work / "runs"))
-    fields = {f.name: f for f in dataclasses.fields(cfg.Recipe)}
+    fields = field_names(cfg.Recipe)
+    if "samples_per_prompt" not in field_names(cfg.GenerationConfig):  # an older tree (--source)
+        data["generation"]["n"] = data["generation"].pop("samples_per_prompt")
     # Held-out evaluation is work TRL does not do: newer trees can skip the win rate against
     # pi_0 and evaluate the last round only (older trees, via --ours-source, evaluate every round).
     if "eval" in fields:
-        eval_fields = {f.name for f in dataclasses.fields(cfg.EvalConfig)}
+        eval_fields = field_names(cfg.EvalConfig)
         data["eval"] = {k: v for k, v in (("win_rate_vs_pi0", False), ("every", 0)) if k in eval_fields}
     recipe = cfg.recipe_from_dict(data)
 

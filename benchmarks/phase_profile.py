@@ -55,7 +55,7 @@ def main() -> None:
     from online_dpo.config import load_recipe
     from online_dpo.engine import Models, build_generator
     from online_dpo.generation import top_p
-    from online_dpo.trainer import completion_logps
+    from online_dpo.logprobs import completion_logps
 
     recipe = load_recipe(str(REPO / "recipes" / "quickstart.yaml"), [])
     models = Models(recipe)

@@ -59,3 +59,22 @@ def write_dir_atomic(path: Path, fill: Callable[[Path], None]) -> None:
         shutil.rmtree(path)
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+class RunDir:
+    """runs/<name>/: `round_<k>/` folders whose `<step>.json` summaries mark finished steps."""
+
+    def __init__(self, path: Path, rounds: int):
+        self.path = Path(path)
+        self.rounds = rounds
+
+    def round(self, k: int) -> Path:
+        return self.path / f"round_{k}"
+
+    def done(self, k: int, step: str) -> bool:
+        return (self.round(k) / f"{step}.json").exists()
+
+    def latest_with(self, name: str, before: int | None = None) -> int:
+        """The newest round (< before) holding `name`; 0 when none does."""
+        last = before if before is not None else self.rounds + 1
+        return next((k for k in range(last - 1, 0, -1) if (self.round(k) / name).exists()), 0)

@@ -1,337 +1,344 @@
-"""Recipe configs: small frozen dataclasses loaded from YAML with `key=value` overrides.
+"""Recipe configs: small frozen pydantic models loaded from YAML with `key=value` overrides.
 
-Every field has a docstring-style comment. Unknown keys and ill-typed values fail at load time
-and name the dotted key, so a typo never silently falls back to a default.
+Every field has a docstring. Unknown keys, renamed keys, ill-typed and out-of-range values fail
+at load time with a `RecipeError` that names the dotted key, so a typo never silently falls back
+to a default. Checks that combine several sections live in online_dpo/compat.py, run at load.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class RecipeError(ValueError):
     """A recipe is malformed; the message names the offending key."""
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    path: str = "smollm2"
+def _refuse_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # lax float would read true as 1.0
+        raise PydanticCustomError("float_type", "expected a number")
+    return value
+
+
+# YAML reads 1e-5 as a string: floats take numeric strings (lax). Ints, bools and strings are
+# strict: a bool is not an int, 2.5 is not an int, "yes" is not a bool.
+Float = Annotated[float, BeforeValidator(_refuse_bool)]
+Int = Annotated[int, Strict()]
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+
+
+class Section(BaseModel):
+    """Frozen, no extra keys, docstrings as field descriptions, no inf/nan floats."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True,
+                              allow_inf_nan=False)
+    RENAMED: ClassVar[dict[str, str]] = {}
+    """Old key -> its new dotted name; an old key is refused with a message naming the new one."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if key in cls.RENAMED:
+                    raise PydanticCustomError("renamed", "{old} was renamed {new}",
+                                              {"old": key, "new": cls.RENAMED[key]})
+            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
+            if unknown:
+                raise PydanticCustomError("unknown_key", "unknown key {key}",
+                                          {"key": unknown[0], "known": ", ".join(sorted(cls.model_fields))})
+        return data
+
+
+class ModelConfig(Section):
+    path: Str = "smollm2"
     """Policy weights: "smollm2" (the embedded SmolLM2-135M-Instruct) or a local HF model folder."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """"auto" is float32 on CPU (bf16 is ~9x slower there) and bfloat16 on CUDA."""
 
 
-@dataclass(frozen=True)
-class GenerationConfig:
+class GenerationConfig(Section):
+    RENAMED: ClassVar[dict[str, str]] = {"n": "generation.samples_per_prompt"}
+
     backend: Literal["vllm", "transformers"] = "vllm"
     """Sampling engine. Chosen explicitly; there is no silent fallback."""
-    n: int = 4
-    """Completions sampled per prompt."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 64
+    samples_per_prompt: Int = Field(4, ge=2)
+    """Completions sampled per prompt (at least 2 to form a pair)."""
+    temperature: Float = Field(1.0, gt=0)
+    top_p: Float = Field(1.0, gt=0, le=1)
+    max_tokens: Int = Field(64, gt=0)
     """Completion length cap; a completion that hits it counts as not ending in EOS."""
-    probe_tolerance: float | None = None
+    probe_tolerance: Float | None = Field(None, gt=0)
     """Max |sampler - trainer| per-token log-prob on the probe after each weight sync. None: 2e-3
     for a float32 sampler, 0.1 for a bfloat16 one (the trainer scores in float32)."""
-    kv_cache_gib: int = 1
+    kv_cache_gib: Int = Field(1, gt=0)
     """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
-    gpu_memory_utilization: float = 0.4
+    gpu_memory_utilization: Float = Field(0.4, gt=0, le=1)
     """vLLM GPU memory share, leaving room for the trainer on the same device."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: Int = Field(1, gt=0)
     """vLLM tensor parallelism: shard the sampler over this many GPUs of the node (CUDA only)."""
-    cpu_top_p_without_sort: bool = True
+    cpu_top_p_without_sort: Bool = True
     """vllm-cpu: find each row's top-p nucleus among its largest probabilities instead of sorting
     the whole vocabulary every decode step (online_dpo/generation/top_p.py); false: vLLM's sort."""
 
 
-@dataclass(frozen=True)
-class JudgeConfig:
-    target: str
-    """The judge class as "module:Class" (or "module.Class")."""
-    kwargs: dict[str, Any] = field(default_factory=dict)
+class JudgeConfig(Section):
+    RENAMED: ClassVar[dict[str, str]] = {"max_length_ratio": "pairs.max_length_ratio"}
+
+    target: Str
+    """The judge class as "module:Class" (or "module.Class"); resolved (imported) at load."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the judge's constructor."""
-    max_failure_rate: float = 0.5
+    max_failure_rate: Float = Field(0.5, ge=0, le=1)
     """Stop the run when more than this share of a round's prompts get a failed judgment."""
-    retries: int = 2
+    retries: Int = Field(2, ge=0)
     """Extra attempts after a judge call raises, times out or answers garbage."""
-    timeout_s: float | None = None
+    timeout_s: Float | None = Field(None, gt=0)
     """Give up on one judge call after this many seconds (then retry)."""
-    backoff_s: float = 0.5
+    backoff_s: Float = Field(0.5, gt=0)
     """Sleep before retry i is backoff_s * 2**(i-1)."""
-    both_orders: bool = False
+    both_orders: Bool = False
     """Ask a pairwise judge in both orders; disagreement becomes `disagreement`."""
     disagreement: Literal["tie", "failed"] = "tie"
-    max_length_ratio: float | None = None
-    """Length control: a winner more than this many times longer than the loser is a tie."""
-    cache: bool = True
+    cache: Bool = True
     """Keep successful judgments in runs/<name>/judge_cache.jsonl; a resumed run reuses them."""
 
 
-@dataclass(frozen=True)
-class PairsConfig:
+class PairsConfig(Section):
     strategy: Literal["best_vs_worst", "random"] = "best_vs_worst"
-    """best_vs_worst ranks all n samples by a pointwise judge; random judges one random pair."""
-    replay_ratio: float = 0.0
+    """best_vs_worst ranks all samples by a pointwise judge; random judges one random pair."""
+    replay_ratio: Float = Field(0.0, ge=0)
     """Add this many earlier-round pairs per fresh pair (0.5: one old pair for every two new)."""
+    max_length_ratio: Float | None = Field(None, gt=0)
+    """Length control: a winner more than this many times longer than the loser is a tie."""
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    beta: float = 0.1
+class LossConfig(Section):
+    beta: Float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "kto"] = "sigmoid"
     """kto trains on single completions labelled good/bad (from a pointwise judge's score
     against `kto_threshold`, or from a dataset's `label` column) instead of pairs."""
-    label_smoothing: float = 0.0
+    label_smoothing: Float = Field(0.0, ge=0, lt=0.5)
     """cDPO: the assumed probability that a label is flipped (robust / sigmoid)."""
-    length_normalize: bool = False
+    length_normalize: Bool = False
     """Use mean instead of summed token log-probs per sequence."""
-    nll_weight: float = 0.0
+    nll_weight: Float = Field(0.0, ge=0)
     """Weight of an NLL term on the chosen completion (RPO-style)."""
-    kto_threshold: float | None = None
+    kto_threshold: Float | None = None
     """KTO: a score >= threshold is desirable. Unset: above its prompt's mean score (equal: dropped)."""
-    desirable_weight: float = 1.0
-    undesirable_weight: float = 1.0
-    target_kl: float | None = None
+    desirable_weight: Float = Field(1.0, gt=0)
+    undesirable_weight: Float = Field(1.0, gt=0)
+    target_kl: Float | None = Field(None, gt=0)
     """Adaptive beta: after each round, move beta to keep KL-to-reference near this (nats)."""
-    beta_adapt_rate: float = 0.5
+    beta_adapt_rate: Float = Field(0.5, gt=0, le=1)
 
 
-@dataclass(frozen=True)
-class AdapterConfig:
+class AdapterConfig(Section):
     """LoRA (peft): only the adapter trains, and the reference is the base model with the adapter
     disabled, so one copy of the weights is in memory."""
 
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: str = "all-linear"
+    rank: Int = Field(16, gt=0)
+    alpha: Float = Field(32.0, gt=0)
+    """peft's lora_alpha: the adapter's update is scaled by alpha / rank."""
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    target_modules: Str = "all-linear"
     """peft's target_modules: "all-linear", or a regex over module names."""
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    learning_rate: float = 1e-5
-    epochs: int = 1
-    """Passes over the round's fresh pairs."""
-    micro_batch_pairs: int = 4
+class TrainConfig(Section):
+    learning_rate: Float = Field(1e-5, gt=0)
+    epochs: Int = Field(1, gt=0)
+    """Passes over the round's fresh pairs (mode fully_online: derived, 1)."""
+    micro_batch_pairs: Int = Field(4, gt=0)
     """Pairs per forward pass (chosen and rejected go through one pass together)."""
-    grad_accum_steps: int = 1
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    gradient_checkpointing: bool = False
-    padding_free: bool = True
+    grad_accum_steps: Int = Field(1, gt=0)
+    max_grad_norm: Float = Field(1.0, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    gradient_checkpointing: Bool = False
+    padding_free: Bool = True
     """Pack sequences into rows with restarting position ids instead of padding them (verified
     against a padded forward once per run; turn off for an architecture that fails the check)."""
     lora: AdapterConfig | None = None
     """Set (e.g. `train.lora: {rank: 16}`) to train a LoRA adapter instead of all weights."""
 
 
-@dataclass(frozen=True)
-class ReferenceConfig:
+class ReferenceConfig(Section):
+    RENAMED: ClassVar[dict[str, str]] = {
+        "every": "reference.swap_every_rounds (schedule swap) or reference.ema_every_steps (schedule ema)",
+        "alpha": "reference.ema_rate",
+    }
+
     schedule: Literal["fixed", "swap", "ema"] = "swap"
-    """fixed: stays pi_0. swap: becomes the policy every `every` rounds. ema: every `every`
-    optimizer steps, ref <- alpha * policy + (1 - alpha) * ref (TR-DPO)."""
-    every: int = 1
-    alpha: float = 0.1
-    cache_logps: bool = True
+    """fixed: stays pi_0. swap: becomes the policy every `swap_every_rounds` rounds. ema: every
+    `ema_every_steps` optimizer steps, ref <- ema_rate * policy + (1 - ema_rate) * ref (TR-DPO)."""
+    swap_every_rounds: Int = Field(1, gt=0)
+    """schedule swap: the reference becomes the policy after every this many rounds."""
+    ema_every_steps: Int = Field(1, gt=0)
+    """schedule ema: soft-update the reference after every this many optimizer steps."""
+    ema_rate: Float = Field(0.1, gt=0, le=1)
+    """schedule ema: the policy's share in each soft update (1: a swap)."""
+    cache_logps: Bool = True
     """Keep pi_0's reference log-probs in ~/.cache/online_dpo/reference_logps, keyed by the model's
     bytes, dtype, library versions and token ids: a sweep on one offline dataset scores it once."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    prompts: str
+class DataConfig(Section):
+    prompts: Str
     """A jsonl/json/parquet/csv file (or save_to_disk folder) with a `prompt` column."""
-    prompts_per_round: int = 16
-    eval_prompts: int = 8
-    """Held-out prompts (taken from the end of the file) scored after every round."""
-    pairs: str | None = None
-    """Offline mode: a prompt/chosen/rejected dataset. Unset: pairs are sampled once from pi_0."""
+    prompts_per_round: Int = Field(16, gt=0)
+    """Mode fully_online: derived, train.micro_batch_pairs * train.grad_accum_steps."""
+    eval_prompts: Int = Field(8, ge=1)
+    """Held-out prompts (taken from the end of the file) scored after every evaluated round."""
+    pairs: Str | None = None
+    """Mode offline only: a prompt/chosen/rejected dataset. Unset: pairs are sampled once from pi_0."""
 
 
-@dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
     judge: JudgeConfig | None = None
     """The judge for held-out evaluation; unset means the training judge. A different one
     keeps a run from being graded by its own teacher."""
-    samples_per_prompt: int = 2
-    win_rate_vs_pi0: bool = True
+    samples_per_prompt: Int = Field(2, gt=0)
+    win_rate_vs_pi0: Bool = True
     """Judge held-out samples against pi_0's (both orders, ties count half) every evaluated round."""
-    every: int = 1
+    every: Int = Field(1, ge=0)
     """Evaluate every N rounds and always on the last one; 0: the last round only. Held-out
     sampling, its judging and two KL forwards cost a tenth to a fifth of a short round."""
 
 
-@dataclass(frozen=True)
-class Recipe:
-    name: str
+class Recipe(Section):
+    name: Str
     """Run name; artifacts go to <output_dir>/<name>/."""
-    rounds: int
+    rounds: Int = Field(gt=0)
     judge: JudgeConfig
     data: DataConfig
-    mode: Literal["online", "offline"] = "online"
-    """online: sample and judge fresh pairs each round. offline: train on a fixed dataset."""
-    seed: int = 0
-    output_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    keep_checkpoints: int | None = None
+    mode: Literal["online", "offline", "fully_online"] = "online"
+    """online: sample and judge fresh pairs each round. offline: train on a fixed dataset
+    (data.pairs, or pairs sampled once from pi_0). fully_online: online with one optimizer step per
+    round; data.prompts_per_round and train.epochs are derived."""
+    seed: Int = 0
+    output_dir: Str = "runs"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    keep_checkpoints: Int | None = Field(None, ge=1)
     """Keep only the last N round checkpoints (plus the reference's); unset keeps all."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_fully_online(cls, data: Any) -> Any:
+        """fully_online: one optimizer step per round. The derived keys are filled in; a recipe
+        may repeat them (a resolved recipe re-read on resume does) but not contradict them."""
+        if not isinstance(data, dict) or data.get("mode") != "fully_online":
+            return data
+        train, section = _plain(data.get("train", {})), _plain(data.get("data"))
+        if train is None or section is None:
+            return data  # field validation names the problem
+        defaults = TrainConfig.model_fields
+        micro = train.get("micro_batch_pairs", defaults["micro_batch_pairs"].default)
+        accum = train.get("grad_accum_steps", defaults["grad_accum_steps"].default)
+        if type(micro) is not int or type(accum) is not int:
+            return data
+        derived = [(section, "data.prompts_per_round", micro * accum,
+                    f"train.micro_batch_pairs * train.grad_accum_steps = {micro * accum}"),
+                   (train, "train.epochs", 1, "1")]
+        for node, key, value, how in derived:
+            name = key.split(".")[1]
+            if name in node and type(node[name]) is not int:
+                continue  # field validation names it
+            if name in node and node[name] != value:
+                raise PydanticCustomError("recipe", "{message}", {"message": (
+                    f"{key}: mode fully_online takes one optimizer step per round, so {key} is "
+                    f"{how}; got {node[name]!r} (leave it unset)")})
+            node[name] = value
+        return {**data, "train": train, "data": section}
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
 
+def _plain(node: Any) -> dict | None:
+    """A section as a fresh dict of the keys it sets, or None if it is not a mapping."""
+    if isinstance(node, BaseModel):
+        return node.model_dump(exclude_unset=True)
+    return dict(node) if isinstance(node, dict) else None
+
+
+# ---------------------------------------------------------------------------- errors
+
+_EXPECTED = {
+    "int_type": "expected an integer", "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer", "float_type": "expected a number",
+    "float_parsing": "expected a number", "finite_number": "expected a finite number",
+    "bool_type": "expected true/false", "bool_parsing": "expected true/false",
+    "string_type": "expected a string", "dict_type": "expected a mapping",
+    "model_type": "expected a mapping", "model_attributes_type": "expected a mapping",
+}
+_BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="),
+           "less_than": ("lt", "<"), "less_than_equal": ("le", "<=")}
+
+
+def _number(x: Any) -> Any:
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def _error_message(err: dict) -> str:
+    """One pydantic error as "dotted.key: what was wrong"."""
+    loc = [str(p) for p in err["loc"]]
+    key, kind, ctx, value = ".".join(loc), err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == "missing":
+        return f"missing required key {key}"
+    if kind == "unknown_key":
+        return f"unknown key {'.'.join([*loc, ctx['key']])} (known: {ctx['known']})"
+    if kind == "renamed":
+        return f"{'.'.join([*loc, ctx['old']])} was renamed {ctx['new']}"
+    if kind == "recipe":
+        return ctx["message"]
+    where = key or "recipe"
+    if kind in _EXPECTED:
+        got = type(value).__name__ if "mapping" in _EXPECTED[kind] else repr(value)
+        return f"{where}: {_EXPECTED[kind]}, got {got}"
+    if kind in _BOUNDS:
+        name, op = _BOUNDS[kind]
+        return f"{where}: must be {op} {_number(ctx[name])}, got {value!r}"
+    if kind == "literal_error":
+        return f"{where}: {value!r} is not one of {ctx['expected']}"
+    if kind == "value_error":
+        return f"{where}: {ctx.get('error', err['msg'])}"
+    return f"{where}: {err['msg']}, got {value!r}"
+
+
+def _recipe_error(e: ValidationError) -> RecipeError:
+    return RecipeError("; ".join(_error_message(err) for err in e.errors(include_url=False)))
+
+
 # ---------------------------------------------------------------------------- loading
-
-
-def _check_value(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise RecipeError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(args) < len(typing.get_args(tp)):
-            return None
-        if len(args) == 1:
-            return _check_value(key, value, args[0])
-        for arg in args:
-            try:
-                return _check_value(key, value, arg)
-            except RecipeError:
-                continue
-        raise RecipeError(f"{key}: {value!r} does not match {tp}")
-    if tp is type(None):
-        if value is not None:
-            raise RecipeError(f"{key}: expected null, got {value!r}")
-        return None
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if tp is float:
-        # YAML reads 1e-5 as a string; accept ints and numeric strings for floats.
-        if isinstance(value, bool):
-            raise RecipeError(f"{key}: expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise RecipeError(f"{key}: expected a number, got {value!r}") from None
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecipeError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{key}: expected a string, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise RecipeError(f"{key}: unsupported field type {tp}")
-
-
-def _build(cls: type, data: Any, prefix: str = "") -> Any:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise RecipeError(
-            f"unknown key {where}{unknown[0]} (known: {', '.join(sorted(fields))})"
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}.{name}" if prefix else name
-        if name in data:
-            kwargs[name] = _check_value(key, data[name], hints[name])
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(f"missing required key {key}")
-    obj = cls(**kwargs)
-    _validate(obj, prefix)
-    return obj
-
-
-def _validate(obj: Any, prefix: str) -> None:
-    """Range checks that types alone cannot express."""
-    positive = {
-        Recipe: ["rounds"],
-        GenerationConfig: ["n", "max_tokens", "kv_cache_gib", "tensor_parallel_size"],
-        TrainConfig: ["learning_rate", "epochs", "micro_batch_pairs", "grad_accum_steps"],
-        ReferenceConfig: ["every"],
-        AdapterConfig: ["rank", "alpha"],
-        DataConfig: ["prompts_per_round"],
-        JudgeConfig: ["backoff_s"],
-        EvalConfig: ["samples_per_prompt"],
-        LossConfig: ["beta"],
-    }.get(type(obj), [])
-    for name in positive:
-        if getattr(obj, name) <= 0:
-            key = f"{prefix}.{name}" if prefix else name
-            raise RecipeError(f"{key}: must be > 0, got {getattr(obj, name)!r}")
-    if isinstance(obj, Recipe) and obj.train.lora is not None and obj.reference.schedule != "fixed":
-        raise RecipeError(
-            f"train.lora: needs reference.schedule: fixed (the reference is the base model with the "
-            f"adapter disabled), got {obj.reference.schedule!r}"
-        )
-    if isinstance(obj, GenerationConfig) and obj.probe_tolerance is not None and obj.probe_tolerance <= 0:
-        raise RecipeError(f"{prefix}.probe_tolerance: must be > 0, got {obj.probe_tolerance}")
-    if isinstance(obj, GenerationConfig) and not 0 < obj.top_p <= 1:
-        raise RecipeError(f"{prefix}.top_p: must be in (0, 1], got {obj.top_p}")
-    if isinstance(obj, LossConfig) and not 0 <= obj.label_smoothing < 0.5:
-        raise RecipeError(f"{prefix}.label_smoothing: must be in [0, 0.5), got {obj.label_smoothing}")
-    if isinstance(obj, JudgeConfig):
-        if obj.retries < 0:
-            raise RecipeError(f"{prefix}.retries: must be >= 0, got {obj.retries}")
-        if not 0 <= obj.max_failure_rate <= 1:
-            raise RecipeError(f"{prefix}.max_failure_rate: must be in [0, 1], got {obj.max_failure_rate}")
-        for name in ("timeout_s", "max_length_ratio"):
-            value = getattr(obj, name)
-            if value is not None and value <= 0:
-                raise RecipeError(f"{prefix}.{name}: must be > 0, got {value}")
-    if isinstance(obj, ReferenceConfig) and not 0 < obj.alpha <= 1:
-        raise RecipeError(f"{prefix}.alpha: must be in (0, 1], got {obj.alpha}")
-    if isinstance(obj, LossConfig) and obj.target_kl is not None and obj.target_kl <= 0:
-        raise RecipeError(f"{prefix}.target_kl: must be > 0, got {obj.target_kl}")
-    if isinstance(obj, EvalConfig) and obj.every < 0:
-        raise RecipeError(f"{prefix}.every: must be >= 0, got {obj.every}")
-    if isinstance(obj, Recipe) and obj.loss.target_kl is not None and obj.eval.every != 1:
-        raise RecipeError(f"eval.every: adaptive beta (loss.target_kl) reads the held-out KL every round; "
-                          f"needs eval.every: 1, got {obj.eval.every}")
-    if isinstance(obj, PairsConfig) and obj.replay_ratio < 0:
-        raise RecipeError(f"{prefix}.replay_ratio: must be >= 0, got {obj.replay_ratio}")
-    if isinstance(obj, Recipe) and obj.keep_checkpoints is not None and obj.keep_checkpoints < 1:
-        raise RecipeError(f"keep_checkpoints: must be >= 1, got {obj.keep_checkpoints}")
-    if isinstance(obj, Recipe) and obj.generation.n < 2:
-        raise RecipeError("generation.n: need at least 2 samples per prompt to form a pair")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` overrides; values are parsed as YAML scalars."""
-    data = _deepcopy(data)
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: expected a mapping, got {type(data).__name__}")
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not of the form key=value")
@@ -339,18 +346,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         node = data
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # absent or null (e.g. train.lora): start a mapping
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise RecipeError(f"override {key}: {part} is not a mapping")
         node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
-    return data
-
-
-def _deepcopy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deepcopy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deepcopy(v) for v in data]
     return data
 
 
@@ -366,20 +367,31 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def recipe_from_dict(data: dict, base_dir: Path | None = None) -> Recipe:
-    recipe = _build(Recipe, data)
+    """Validate a recipe mapping, resolve its data paths and check it (online_dpo.compat).
+
+    Raises RecipeError naming the dotted key of each problem found."""
+    from online_dpo.compat import check_recipe
+
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe: expected a mapping, got {type(data).__name__}")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _recipe_error(e) from None
     if base_dir is not None:
         # Data paths in a recipe are relative to the recipe file, so recipes run from any cwd.
         for name in ("prompts", "pairs"):
             value = getattr(recipe.data, name)
             if value is None or Path(value).is_absolute() or Path(value).exists():
                 continue
-            candidate = base_dir / value
+            candidate = Path(base_dir) / value
             if candidate.exists():
-                recipe = dataclasses.replace(
-                    recipe, data=dataclasses.replace(recipe.data, **{name: str(candidate)})
-                )
+                recipe = recipe.model_copy(update={
+                    "data": recipe.data.model_copy(update={name: str(candidate)})})
+    check_recipe(recipe)
     return recipe
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
+    """Plain nested dicts of every key, defaults and derived values included."""
+    return recipe.model_dump()

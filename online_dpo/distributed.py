@@ -12,14 +12,31 @@ whole weights after each step.
 
 from __future__ import annotations
 
-import os
+import sys
 
+import accelerate.utils.other
 import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType, broadcast_object_list
 
 # Every process holds whole models: syncing the sampler and swapping the reference gather nothing.
 REPLICATED = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+
+
+def import_deepspeed_only_when_used() -> None:
+    """accelerate unwraps a model (Accelerator.unwrap_model, and transformers' save_pretrained
+    through it) by importing deepspeed whenever it is *installed*, to test for a DeepSpeedEngine;
+    on a CPU machine that import alone prints DeepSpeed's "Setting accelerator to CPU". No model
+    can be a DeepSpeedEngine before deepspeed is imported (accelerate imports it when its config
+    asks for DeepSpeed), so that test now asks whether it was. Idempotent."""
+    accelerate.utils.other.is_deepspeed_available = _deepspeed_imported
+
+
+def _deepspeed_imported() -> bool:
+    return "deepspeed" in sys.modules
+
+
+import_deepspeed_only_when_used()
 
 
 class Processes:
@@ -87,50 +104,11 @@ def prepare_deepspeed_config(accelerator, train) -> None:
 
 
 def check_supported(accelerator, recipe) -> None:
-    kind = accelerator.distributed_type
-    if kind in REPLICATED:
-        asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-        if asked_fsdp and accelerator.is_main_process:
-            print(f"[online-dpo] warning: accelerate runs FSDP on accelerators only; this run is "
-                  f"{kind.value} (weights not sharded)", flush=True)
-        return
-    if kind == DistributedType.FSDP:
-        if accelerator.state.fsdp_plugin.fsdp_version != 2:
-            raise RuntimeError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
-                               "(recipes/accelerate/fsdp.yaml)")
-        if recipe.train.lora is not None:
-            raise RuntimeError("train.lora with FSDP is not supported; LoRA already keeps one model "
-                               "copy: launch it with recipes/accelerate/ddp.yaml")
-        if recipe.reference.schedule == "ema":
-            raise RuntimeError("reference.schedule: ema with FSDP is not supported (the EMA update "
-                               "reads the sharded policy on one process); use fixed or swap")
-        return
-    if kind == DistributedType.DEEPSPEED:
-        _check_deepspeed(accelerator, recipe)
-        return
-    raise RuntimeError(
-        f"{kind} is not supported by the round pipeline; launch with recipes/accelerate/ddp.yaml "
-        "(data-parallel), recipes/accelerate/fsdp.yaml (sharded, FSDP2) or "
-        "recipes/accelerate/deepspeed_zero{2,3}.yaml"
-    )
+    """Refuse what this launch cannot run (FSDP1, LoRA or EMA when sharded, DeepSpeed fp16, ...):
+    online_dpo.compat.check_launch."""
+    from online_dpo.compat import check_launch
 
-
-def _check_deepspeed(accelerator, recipe) -> None:
-    plugin = accelerator.state.deepspeed_plugin
-    if recipe.train.lora is not None:
-        raise RuntimeError("train.lora with DeepSpeed is not supported; LoRA already keeps one model "
-                           "copy: launch it with recipes/accelerate/ddp.yaml")
-    if plugin.deepspeed_config.get("fp16", {}).get("enabled") is True:
-        # A dynamic loss scale skips the steps that overflow, silently: a resumed round would no
-        # longer match an uninterrupted one, and a skipped round trains nothing.
-        raise RuntimeError("DeepSpeed fp16 is not supported: use mixed_precision bf16 (or no)")
-    if plugin.zero_stage == 3:
-        if plugin.zero3_init_flag:  # load_models_whole says why the run cannot honour it
-            raise RuntimeError("DeepSpeed ZeRO-3 with zero3_init_flag: true is not supported: set "
-                               "zero3_init_flag: false (recipes/accelerate/deepspeed_zero3.yaml)")
-        if recipe.reference.schedule == "ema":
-            raise RuntimeError("reference.schedule: ema with ZeRO-3 is not supported (the EMA update "
-                               "reads the sharded policy on one process); use fixed or swap")
+    check_launch(recipe, accelerator)
 
 
 def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:

@@ -14,10 +14,10 @@ from online_dpo.config import Recipe
 from online_dpo.data import to_messages
 from online_dpo.distributed import check_supported, full_state_dict, load_models_whole
 from online_dpo.generation.base import Generator
+from online_dpo.logprobs import check_packing
 from online_dpo.lora import AdapterDisabled, add_adapter, merged_state_dict
 from online_dpo.losses import token_logps
 from online_dpo.models import resolve_model_path, torch_dtype
-from online_dpo.packing import check_packing
 
 # A fixed probe scored by both engines after every sync. Any stale tensor in the sampler shows
 # up as a log-prob mismatch on these tokens.

@@ -8,7 +8,6 @@ One sampling engine serves every model: each one's weights are synced in place a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
@@ -54,7 +53,7 @@ def evaluate(run_dir: Path, checkpoint: Path | None, against: list[str], judge: 
     baselines = {spec: resolve_model(spec, run_dir) for spec in against}
 
     # Checkpoints hold merged weights, so evaluation needs no adapter even for a LoRA run.
-    models = Models(dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, lora=None)))
+    models = Models(recipe.model_copy(update={"train": recipe.train.model_copy(update={"lora": None})}))
     generator = build_generator(recipe, models.model_dir, models.eos_ids, models.pad_id)
     settings = SamplingSettings(samples, 1.0, 1.0, recipe.generation.max_tokens, seed=seed)
     try:

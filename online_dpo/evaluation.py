@@ -13,7 +13,7 @@ import torch
 from judges.bias import BothOrders
 from judges.protocol import Preference
 from online_dpo.generation.base import SamplingSettings
-from online_dpo.trainer import score_sequences
+from online_dpo.logprobs import score_sequences
 
 
 def sample_records(models, generator, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:

@@ -117,6 +117,26 @@ def sequence_logps(
     return summed
 
 
+def length_normalized(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Mean instead of summed token log-probs (SimPO/R-DPO-style length control): (B,) / (B,)."""
+    return logps / lengths.clamp(min=1)
+
+
+def nll_term(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """RPO's auxiliary loss (Pang et al. 2024): the mean per-token negative log-likelihood of the
+    preferred completions, a scalar. logps are summed per sequence (B,), lengths (B,)."""
+    return -(logps / lengths.clamp(min=1)).mean()
+
+
+def kto_reference_point(policy_mismatched_logps: torch.Tensor,
+                        reference_mismatched_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, sec. 4.1): an estimate of
+    KL(pi || ref) from *mismatched* pairs, prompt x_i with the completion y_j of another prompt, so
+    the estimate does not reflect what the labels teach about y_i. Both (M,); returns a detached
+    scalar, clamped at 0 as in the paper. No mismatched pairs (M = 0) gives z0 = 0."""
+    if policy_mismatched_logps.numel() == 0:
+        return policy_mismatched_logps.new_zeros(())
+    return (policy_mismatched_logps - reference_mismatched_logps).mean().detach().clamp(min=0)
 
 
 def kto_loss(
@@ -125,18 +145,18 @@ def kto_loss(
     desirable: torch.Tensor,
     *,
     beta: float,
-    kl: torch.Tensor,
+    reference_point: torch.Tensor,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """KTO (Ethayarajh et al. 2024, eq. 8) for unpaired completions with binary labels.
 
-    policy_logps, reference_logps: (B,) sequence log-probs; desirable: (B,) bool; kl: scalar
-    reference point z0 (a batch KL estimate; detached and clamped at 0 as in the paper).
+    policy_logps, reference_logps: (B,) sequence log-probs; desirable: (B,) bool;
+    reference_point: the scalar z0 from `kto_reference_point` (treated as a constant).
     Returns per-example losses and detached implicit rewards beta * (log pi - log ref).
     """
     logratio = policy_logps - reference_logps
-    z0 = kl.detach().clamp(min=0)
+    z0 = reference_point.detach().clamp(min=0)
     good = desirable_weight * (1 - torch.sigmoid(beta * (logratio - z0)))
     bad = undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratio)))
     return torch.where(desirable, good, bad), (beta * logratio).detach()

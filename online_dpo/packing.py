@@ -13,8 +13,8 @@ prompt and itself but never a sibling. A chat-templated prompt is a third of a p
 the quickstart's shape, so this removes about a fifth of a pair's compute.
 
 Without shared prompts the batch carries no mask: with restarting position ids transformers
-builds the block-causal mask itself, so a token never attends across sequences. `check_packing`
-proves both layouts once per model.
+builds the block-causal mask itself, so a token never attends across sequences.
+`online_dpo.logprobs.check_packing` proves both layouts once per model.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-
-from online_dpo.losses import token_logps
 
 # Names the packed layout in the reference-log-prob cache key: a layout change changes the sums
 # in their last bits.
@@ -165,30 +163,3 @@ def packed_logps(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]
     per_token = scored_token_logps(model, batch.input_ids, batch.score_index, batch.score_label, **forward)
     summed = per_token.new_zeros(batch.count).index_add(0, batch.score_owner, per_token)
     return summed, torch.bincount(batch.score_owner, minlength=batch.count)
-
-
-@torch.no_grad()
-def check_packing(model, pad_id: int, device) -> float:
-    """Packed and padded log-probs must agree, or the model lets packed sequences see each other
-    (it ignores restarting position ids, or the shared-prompt mask)."""
-    from online_dpo.trainer import collate
-
-    sequences = [([5, 6, 7], [8, 9, 10, 11, 20, 21]), ([12, 13], [14, 15]), ([16], [17, 18, 19]),
-                 ([5, 6, 7], [22, 23, 24])]  # the last shares the first one's prompt
-    batch = {k: v.to(device) for k, v in collate(sequences, pad_id).items()}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    padded = (token_logps(logits, batch["input_ids"]) * batch["completion_mask"][:, 1:]).sum(-1)
-    diff = 0.0
-    for share in (False, True):
-        packed = pack(sequences, pad_id, share_prompts=share)
-        assert packed.input_ids.shape[0] < 3 and (packed.attention_mask is not None) == share
-        summed, _ = packed_logps(model, packed.to(device))
-        diff = max(diff, (summed.float() - padded.float()).abs().max().item())
-    if not diff < 1e-3:
-        raise PackingUnsupportedError(
-            f"{type(model).__name__}: packed sequences change each other's log-probs (max diff "
-            f"{diff:.3g}); this architecture (or attention implementation) does not isolate "
-            "packed sequences by position ids or does not honour a 4D attention mask. "
-            "Set train.padding_free=false."
-        )
-    return diff

@@ -1,4 +1,5 @@
-"""DPO updates on a round's pairs: one forward over chosen+rejected, AdamW, clipping, accumulation."""
+"""The optimizer loop of a round: seeded epochs, gradient accumulation, clipping, AdamW, data
+parallelism. What is trained on and the loss come from the objective (online_dpo/objectives.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -15,83 +15,7 @@ from tqdm.auto import tqdm
 from online_dpo.config import LossConfig, TrainConfig
 from online_dpo.distributed import describe, prepare_deepspeed_config, uses_deepspeed
 from online_dpo.faults import maybe_kill
-from online_dpo.losses import dpo_loss, kto_loss
-from online_dpo.packing import pack, packed_logps, prompt_groups, scored_token_logps
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-@dataclass(frozen=True)
-class Pair:
-    prompt_ids: list[int]
-    chosen_ids: list[int]
-    rejected_ids: list[int]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One labelled completion, for KTO."""
-
-    prompt_ids: list[int]
-    completion_ids: list[int]
-    desirable: bool
-
-
-def collate(sequences: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad (prompt, completion) token lists; the mask marks completion tokens only."""
-    width = max(len(p) + len(c) for p, c in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    completion = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, (prompt, comp) in enumerate(sequences):
-        n = len(prompt) + len(comp)
-        ids[row, :n] = torch.tensor(prompt + comp)
-        attention[row, :n] = 1
-        completion[row, len(prompt):n] = 1
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
-
-
-def pair_sequences(pairs: Sequence[Pair]) -> list[tuple[list[int], list[int]]]:
-    """Chosen rows first, then rejected rows: one forward pass scores both sides."""
-    return [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-
-
-def batch_logps(model, batch: dict[str, torch.Tensor], average: bool = False) -> torch.Tensor:
-    """Summed (or mean) completion log-probs of a right-padded batch, one per row."""
-    target = batch["completion_mask"][:, 1:].bool()  # position t predicts token t+1
-    rows, cols = target.nonzero(as_tuple=True)
-    index = rows * batch["input_ids"].shape[1] + cols
-    per_token = scored_token_logps(model, batch["input_ids"], index, batch["input_ids"][:, 1:][target],
-                                   attention_mask=batch["attention_mask"])
-    summed = per_token.new_zeros(len(target)).index_add(0, rows, per_token)
-    return summed / target.sum(-1).clamp(min=1) if average else summed
-
-
-def completion_logps(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                     device: torch.device, padding_free: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs and completion lengths of sequences, in one forward pass."""
-    if padding_free:
-        return packed_logps(model, pack(sequences, pad_id).to(device))
-    batch = {k: v.to(device) for k, v in collate(sequences, pad_id).items()}
-    return batch_logps(model, batch), batch["completion_mask"][:, 1:].sum(-1)
-
-
-@torch.no_grad()
-def score_sequences(model, sequences: Sequence[tuple[list[int], list[int]]], pad_id: int,
-                    device: torch.device, batch_size: int = 8, average: bool = False,
-                    padding_free: bool = True) -> torch.Tensor:
-    """Summed (or mean) completion log-probs of many sequences under a frozen model, in batches."""
-    # Sequences of one prompt (a pair's two sides, a prompt's samples) go into the same batch,
-    # where the packer computes their prompt once.
-    order = [i for group in prompt_groups(sequences) for i in group]
-    out = torch.zeros(len(sequences))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        summed, lengths = completion_logps(model, [sequences[i] for i in idx], pad_id, device, padding_free)
-        out[idx] = (summed / lengths.clamp(min=1) if average else summed).float().cpu()
-    return out
+from online_dpo.logprobs import completion_logps
 
 
 class DPOTrainer:
@@ -117,35 +41,30 @@ class DPOTrainer:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def train_round(self, pairs: Sequence[Pair], reference_chosen: torch.Tensor,
-                    reference_rejected: torch.Tensor, seed: int, tag: str = "",
+    def train_round(self, objective, items: Sequence, reference: torch.Tensor, seed: int, tag: str = "",
                     beta: float | None = None, on_step: Callable[[int], None] | None = None) -> dict:
-        """One round of DPO on fresh pairs; returns metrics averaged over all micro-batches."""
+        """One round of `objective` on `items` against `reference` (the objective's reference log-probs
+        of its `reference_sequences(items)`); metrics are means over all micro-batches."""
+        beta = self.loss_cfg.beta if beta is None else beta  # adaptive beta moves it per round
+        reference = reference.to(self.device)
+
         def micro(idx, weight):
-            return self._micro_step(pairs, idx, reference_chosen, reference_rejected, weight)
+            return self._micro_step(objective, items, idx, reference, beta, weight)
 
-        metrics = self._optimize(len(pairs), self.cfg.micro_batch_pairs, micro, seed, tag, beta, on_step)
-        metrics["reward_margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
-        return {**metrics, "train_pairs": len(pairs)}
+        micro_size = objective.items_per_slot * self.cfg.micro_batch_pairs
+        return objective.summary(self._optimize(len(items), micro_size, micro, seed, tag, on_step), items)
 
-    def train_round_kto(self, examples: Sequence[Example], reference_logps: torch.Tensor,
-                        seed: int, tag: str = "", beta: float | None = None,
-                        on_step: Callable[[int], None] | None = None) -> dict:
-        """One round of KTO on single labelled completions (2 per pair-slot of a micro-batch)."""
-        def micro(idx, weight):
-            return self._kto_micro_step(examples, idx, reference_logps, weight)
+    def _micro_step(self, objective, items, idx, reference, beta, weight) -> tuple[torch.Tensor, dict]:
+        """The micro-batch's loss scaled by its share of the step (0 for a padding repeat), and its metrics."""
+        loss, metrics = objective.loss(self._logps, items, idx, reference, beta)
+        return loss * weight, metrics
 
-        metrics = self._optimize(len(examples), 2 * self.cfg.micro_batch_pairs, micro, seed, tag, beta, on_step)
-        metrics["reward_margin"] = metrics["chosen_reward"] - metrics["rejected_reward"]
-        return {**metrics, "train_pairs": 0, "train_examples": len(examples)}
-
-    def _optimize(self, n: int, micro_size: int, micro, seed: int, tag: str, beta, on_step) -> dict:
+    def _optimize(self, n: int, micro_size: int, micro, seed: int, tag: str, on_step) -> dict:
         """The shared loop: epochs of seeded shuffles, gradient accumulation, clipping, AdamW.
 
         Adam moments restart every round: each round is a new problem against the current
         reference, and it makes a resumed round identical to an uninterrupted one.
         """
-        self.beta = self.loss_cfg.beta if beta is None else beta  # adaptive beta moves it per round
         self.optimizer.optimizer.state.clear()
         self.policy.train()
         cfg, acc = self.cfg, self.accelerator
@@ -223,57 +142,3 @@ class DPOTrainer:
     def _logps(self, sequences) -> tuple[torch.Tensor, torch.Tensor]:
         with self.accelerator.autocast():
             return completion_logps(self.policy, sequences, self.pad_id, self.device, self.cfg.padding_free)
-
-    def _kto_micro_step(self, examples, idx, reference_logps, weight) -> tuple[torch.Tensor, dict]:
-        chosen = [examples[i] for i in idx]
-        logps, _ = self._logps([(e.prompt_ids, e.completion_ids) for e in chosen])
-        ref = reference_logps[idx].to(self.device)
-        desirable = torch.tensor([e.desirable for e in chosen], device=self.device)
-        # Reference point z0: the batch's mean log-ratio (detached), a cheap stand-in for the
-        # paper's KL estimate on mismatched completions.
-        z0 = (logps - ref).mean()
-        losses, rewards = kto_loss(logps, ref, desirable, beta=self.beta, kl=z0,
-                                   desirable_weight=self.loss_cfg.desirable_weight,
-                                   undesirable_weight=self.loss_cfg.undesirable_weight)
-        loss = losses.mean()
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite KTO loss {loss.item()}; lower train.learning_rate")
-        above = rewards > self.beta * z0.detach().clamp(min=0)
-        good, bad = rewards[desirable], rewards[~desirable]
-        return loss * weight, {
-            "loss": loss.item(), "accuracy": (above == desirable).float().mean().item(),
-            "chosen_reward": good.mean().item() if len(good) else 0.0,
-            "rejected_reward": bad.mean().item() if len(bad) else 0.0,
-        }
-
-    def _micro_step(self, pairs, idx, reference_chosen, reference_rejected, weight) -> tuple[torch.Tensor, dict]:
-        """The weighted loss to backpropagate, and the micro-batch's metrics."""
-        n = len(idx)
-        summed, lengths = self._logps(pair_sequences([pairs[i] for i in idx]))
-        lengths = lengths.clamp(min=1)
-        logps = summed / lengths if self.loss_cfg.length_normalize else summed
-        ref_c = reference_chosen[idx].to(self.device)
-        ref_r = reference_rejected[idx].to(self.device)
-        if self.loss_cfg.length_normalize:
-            ref_c, ref_r = ref_c / lengths[:n], ref_r / lengths[n:]
-        losses, chosen_rewards, rejected_rewards = dpo_loss(
-            logps[:n], logps[n:], ref_c, ref_r,
-            beta=self.beta, loss_type=self.loss_cfg.loss_type,
-            label_smoothing=self.loss_cfg.label_smoothing,
-        )
-        loss = losses.mean()
-        nll = -(summed[:n] / lengths[:n]).mean()
-        if self.loss_cfg.nll_weight:
-            loss = loss + self.loss_cfg.nll_weight * nll
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite DPO loss {loss.item()} (policy logps {logps.tolist()}); "
-                "lower train.learning_rate or loss.beta. The last good checkpoint is kept."
-            )
-        return loss * weight, {
-            "loss": loss.item(),
-            "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
-            "chosen_reward": chosen_rewards.mean().item(),
-            "rejected_reward": rejected_rewards.mean().item(),
-            "chosen_nll": nll.item(),
-        }

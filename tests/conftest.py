@@ -84,11 +84,11 @@ def tiny_recipe_dict(model_dir, prompts, output_dir, **overrides) -> dict:
         "output_dir": str(output_dir),
         "model": {"path": str(model_dir)},
         "data": {"prompts": str(prompts), "prompts_per_round": 4, "eval_prompts": 2},
-        "generation": {"backend": "transformers", "n": 3, "temperature": 1.0, "max_tokens": 12},
+        "generation": {"backend": "transformers", "samples_per_prompt": 3, "temperature": 1.0, "max_tokens": 12},
         "judge": {"target": "judges.rules:ConciseAnswerJudge", "kwargs": {"max_words": 20, "min_words": 1}},
         "loss": {"beta": 0.1},
         "train": {"learning_rate": 1e-3, "epochs": 1, "micro_batch_pairs": 2, "grad_accum_steps": 1},
-        "reference": {"schedule": "swap", "every": 1},
+        "reference": {"schedule": "swap", "swap_every_rounds": 1},
     }
     for key, value in overrides.items():
         node = recipe

@@ -14,16 +14,17 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from online_dpo.config import LossConfig, TrainConfig
-from online_dpo.trainer import DPOTrainer, Pair
+from online_dpo.objectives import Pair, PreferenceObjective
+from online_dpo.trainer import DPOTrainer
 
 
 class RecordingTrainer(DPOTrainer):
     seen: list[int] = []
 
-    def _micro_step(self, pairs, idx, reference_chosen, reference_rejected, weight):
+    def _micro_step(self, objective, items, idx, reference, beta, weight):
         if weight:
             self.seen.extend(idx)
-        return super()._micro_step(pairs, idx, reference_chosen, reference_rejected, weight)
+        return super()._micro_step(objective, items, idx, reference, beta, weight)
 
 
 def main(model_dir: str, out: str, micro_pairs: int, accum: int) -> None:
@@ -37,8 +38,9 @@ def main(model_dir: str, out: str, micro_pairs: int, accum: int) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     train = TrainConfig(learning_rate=1e-3, micro_batch_pairs=micro_pairs, grad_accum_steps=accum)
-    trainer = RecordingTrainer(model, LossConfig(beta=0.1), train, pad_id=2, accelerator=acc)
-    metrics = trainer.train_round(pairs, ref_c, ref_r, seed=3)
+    loss = LossConfig(beta=0.1)
+    trainer = RecordingTrainer(model, loss, train, pad_id=2, accelerator=acc)
+    metrics = trainer.train_round(PreferenceObjective(loss), pairs, torch.cat([ref_c, ref_r]), seed=3)
     out = Path(out)
     (out / f"seen_{acc.process_index}.json").write_text(json.dumps(trainer.seen))
     state = acc.unwrap_model(trainer.policy).state_dict()

@@ -12,9 +12,11 @@ from transformers import AutoModelForCausalLM
 
 from online_dpo.config import recipe_from_dict
 from online_dpo.engine import Models, build_generator, probe_tolerance, verify_engine
+from online_dpo.logprobs import collate
 from online_dpo.losses import dpo_loss, sequence_logps
+from online_dpo.objectives import Pair, PreferenceObjective, pair_sequences
 from online_dpo.run import Run
-from online_dpo.trainer import DPOTrainer, Pair, collate, pair_sequences
+from online_dpo.trainer import DPOTrainer
 from tests.conftest import tiny_recipe_dict
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -48,7 +50,7 @@ def test_bf16_autocast_step_matches_a_float32_step(tiny_model_dir, prompts_file,
 
     before = {k: v.clone() for k, v in models.policy.state_dict().items()}
     trainer = DPOTrainer(models.policy, recipe.loss, recipe.train, models.pad_id, models.accelerator)
-    metrics = trainer.train_round(pairs, ref_c, ref_r, seed=0)
+    metrics = trainer.train_round(PreferenceObjective(recipe.loss), pairs, torch.cat([ref_c, ref_r]), seed=0)
     assert metrics["optimizer_steps"] == 1
     assert metrics["loss"] == pytest.approx(loss.item(), rel=2e-2)
     after = models.accelerator.unwrap_model(trainer.policy).state_dict()

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from online_dpo.config import recipe_from_dict
+from online_dpo.logprobs import score_sequences
 from online_dpo.losses import kto_loss
 from online_dpo.run import Run
 from online_dpo.schedules import next_beta, soft_update
-from online_dpo.trainer import score_sequences
 from tests.conftest import cli, tiny_recipe_dict
 
 
@@ -60,7 +60,7 @@ def test_offline_pairs_sampled_once_from_pi0(tiny_model_dir, prompts_file, tmp_p
 
 def test_ema_reference_with_alpha_one_tracks_the_policy(tiny_model_dir, prompts_file, tmp_path):
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=1,
-                            reference={"schedule": "ema", "every": 1, "alpha": 1.0})
+                            reference={"schedule": "ema", "ema_every_steps": 1, "ema_rate": 1.0})
     r, rows = run(data)
     policy = r.models.accelerator.unwrap_model(r.trainer.policy)
     seq = [(r.models.prompt_ids("Tell me about snow."), [5, 6, 7, 2])]
@@ -103,10 +103,13 @@ def test_replay_and_checkpoint_pruning(tiny_model_dir, prompts_file, tmp_path):
 
 def test_fully_online_one_step_per_round(tiny_model_dir, prompts_file, tmp_path):
     """Sample, judge and train every optimizer step, with a verified weight sync each step."""
-    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=3,
-                            **{"data.prompts_per_round": 2, "train.micro_batch_pairs": 2})
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=3, mode="fully_online",
+                            **{"train.micro_batch_pairs": 2})
+    del data["data"]["prompts_per_round"]  # derived: one optimizer step's pairs
     r, rows = run(data)
+    assert r.recipe.data.prompts_per_round == 2 and r.recipe.train.epochs == 1
     assert [row["optimizer_steps"] for row in rows] == [1, 1, 1]
+    assert all(row["prompts"] == 2 for row in rows)
     assert all(row["probe_max_abs_diff"] is not None for row in rows)
 
 
@@ -114,13 +117,13 @@ def test_kto_loss_hand_values():
     # logratio 1, z0 0, beta 1: desirable 1 - sigmoid(1) = 0.268941, undesirable 1 - sigmoid(-1)
     # = 0.731059; weights scale them.
     losses, rewards = kto_loss(torch.tensor([0.0, 0.0]), torch.tensor([-1.0, -1.0]),
-                               torch.tensor([True, False]), beta=1.0, kl=torch.tensor(0.0),
+                               torch.tensor([True, False]), beta=1.0, reference_point=torch.tensor(0.0),
                                undesirable_weight=2.0)
     assert losses.tolist() == pytest.approx([0.268941, 2 * 0.731059], abs=1e-6)
     assert rewards.tolist() == pytest.approx([1.0, 1.0]) and not rewards.requires_grad
     # A negative KL estimate is clamped to 0 (the reference point is never below zero).
     clamped, _ = kto_loss(torch.tensor([0.0]), torch.tensor([-1.0]), torch.tensor([True]),
-                          beta=1.0, kl=torch.tensor(-5.0))
+                          beta=1.0, reference_point=torch.tensor(-5.0))
     assert clamped.item() == pytest.approx(0.268941, abs=1e-6)
 
 
@@ -154,7 +157,10 @@ def test_online_kto_labels_samples_by_score(tiny_model_dir, prompts_file, tmp_pa
     summary = json.loads((r.round_dir(1) / "pairs.json").read_text())
     assert summary["desirable"] > 0 and summary["undesirable"] > 0
     assert rows[0]["train_examples"] == summary["examples"] and rows[0]["optimizer_steps"] > 0
-    assert rows[0]["reference_logps_from"] == "sampler"
+    # The completions' reference log-probs are the sampler's (pi_0 sampled them and is the
+    # reference); their mismatched pairs for KTO's z0 were never sampled, so those are forwards.
+    assert rows[0]["reference_logps_from"] == "mixed"
+    assert "kto_reference_point" in json.loads((r.round_dir(1) / "train.json").read_text())
 
 
 def test_offline_kto_from_a_labelled_dataset(tiny_model_dir, prompts_file, tmp_path):
@@ -180,3 +186,61 @@ def test_kto_needs_a_pointwise_judge(tiny_model_dir, prompts_file, tmp_path):
                             judge={"target": "tests.test_judges:PreferShorter"})
     with pytest.raises(RecipeError, match="not a pointwise judge"):
         run(data)
+
+
+def test_offline_kto_from_pi0_samples(tiny_model_dir, prompts_file, tmp_path):
+    """mode: offline, KTO, no data.pairs: round_0/ samples pi_0 once and labels its samples."""
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", mode="offline",
+                            loss={"loss_type": "kto"}, **{"reference.schedule": "fixed"})
+    r, rows = run(data)
+    pool = datasets.load_from_disk(str(r.round_dir(0) / "pairs"))
+    assert set(pool["sampler_round"]) == {0} and "label" in pool.column_names
+    per_round = [json.loads((r.round_dir(k) / "pairs.json").read_text()) for k in (1, 2)]
+    prompts = [set(datasets.load_from_disk(str(r.round_dir(k) / "pairs"))["prompt_index"]) for k in (1, 2)]
+    assert all(len(p) <= 4 for p in prompts) and not prompts[0] & prompts[1]  # each round its own prompts
+    assert [row["train_examples"] for row in rows] == [p["examples"] for p in per_round]
+    assert all(row["optimizer_steps"] > 0 for row in rows)
+
+
+def test_swap_every_two_rounds_with_pruned_checkpoints(tiny_model_dir, prompts_file, tmp_path):
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=3, keep_checkpoints=1,
+                            reference={"schedule": "swap", "swap_every_rounds": 2})
+    r, rows = run(data)
+    assert [row["reference_source_round"] for row in rows] == [0, 2, 2]
+    # Round 1 was sampled by pi_0 (the reference); round 2 by the round-1 policy against pi_0;
+    # round 3 by the round-2 policy, which is the reference since the swap after round 2.
+    assert [row["reference_logps_from"] for row in rows] == ["sampler", "forward", "sampler"]
+    # keep_checkpoints 1 keeps the newest, and round 2's, which the reference was loaded from.
+    assert [(r.round_dir(k) / "checkpoint").exists() for k in (1, 2, 3)] == [False, True, True]
+
+
+def test_ema_with_rate_below_one_resumes_to_the_same_reference(tiny_model_dir, prompts_file, tmp_path):
+    import signal
+
+    import yaml
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "ema.yaml"
+    recipe.write_text(yaml.safe_dump(tiny_recipe_dict(
+        tiny_model_dir, prompts_file, tmp_path / "runs",
+        reference={"schedule": "ema", "ema_every_steps": 2, "ema_rate": 0.5})))
+    assert cli("run", str(recipe), "name=straight").returncode == 0
+    killed = cli("run", str(recipe), "name=killed", kill_at="round_2/train_step_1")
+    assert killed.returncode == -signal.SIGKILL
+    resumed = cli("run", str(recipe), "name=killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    runs = tmp_path / "runs"
+    for k in (1, 2):
+        a = load_file(runs / "straight" / f"round_{k}" / "reference_checkpoint" / "model.safetensors")
+        b = load_file(runs / "killed" / f"round_{k}" / "reference_checkpoint" / "model.safetensors")
+        assert all(torch.equal(a[key], b[key]) for key in a), k
+    base = load_file(tiny_model_dir / "model.safetensors")
+    policy = load_file(runs / "straight" / "round_2" / "checkpoint" / "model.safetensors")
+    ref = load_file(runs / "straight" / "round_2" / "reference_checkpoint" / "model.safetensors")
+    # A blend: moved away from pi_0, and not equal to the policy (rate 0.5 < 1).
+    assert any(not torch.equal(ref[key], base[key]) for key in base)
+    assert any(not torch.equal(ref[key], policy[key]) for key in policy)
+    straight = [json.loads(x) for x in (runs / "straight" / "metrics.jsonl").read_text().splitlines()]
+    killed_rows = [json.loads(x) for x in (runs / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["loss"] for row in straight] == [row["loss"] for row in killed_rows]
+    assert all(row["reference_source_round"] is None for row in straight)  # a blend is no round

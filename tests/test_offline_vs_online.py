@@ -6,8 +6,11 @@ from online_dpo.config import load_recipe, recipe_to_dict
 from online_dpo.run import Run
 from tests.conftest import REPO, cli
 
-SHORT = ["generation.backend=transformers", "generation.max_tokens=12", "data.prompts_per_round=4",
-         "train.micro_batch_pairs=2", "train.grad_accum_steps=1"]
+SHORT = ["generation.backend=transformers", "generation.max_tokens=12", "train.micro_batch_pairs=2"]
+# 4 prompts a round; mode fully_online derives data.prompts_per_round (2 x 2) and refuses another.
+PER_ROUND = {"offline": ["data.prompts_per_round=4", "train.grad_accum_steps=1"],
+             "iterative": ["data.prompts_per_round=4", "train.grad_accum_steps=1"],
+             "fully_online": ["train.grad_accum_steps=2"]}
 
 
 def test_shortened_comparison(tiny_model_dir, tmp_path):
@@ -16,7 +19,7 @@ def test_shortened_comparison(tiny_model_dir, tmp_path):
     names = []
     for recipe_name, rounds in (("offline", 2), ("iterative", 2), ("fully_online", 2)):
         recipe = load_recipe(folder / f"{recipe_name}.yaml",
-                             [*SHORT, f"rounds={rounds}", f"output_dir={tmp_path}",
+                             [*SHORT, *PER_ROUND[recipe_name], f"rounds={rounds}", f"output_dir={tmp_path}",
                               f"model.path={tiny_model_dir}"])
         # The held-out eval judge differs from the training judge in every arm.
         assert recipe_to_dict(recipe)["eval"]["judge"]["target"] != recipe.judge.target

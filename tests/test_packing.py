@@ -8,23 +8,17 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 from online_dpo.config import LossConfig, TrainConfig
+from online_dpo.logprobs import batch_logps, check_packing, collate, score_sequences
 from online_dpo.losses import sequence_logps
+from online_dpo.objectives import Pair, PreferenceObjective, pair_sequences
 from online_dpo.packing import (
     PackingUnsupportedError,
     assign_rows,
-    check_packing,
     output_head,
     pack,
     packed_logps,
 )
-from online_dpo.trainer import (
-    DPOTrainer,
-    Pair,
-    batch_logps,
-    collate,
-    pair_sequences,
-    score_sequences,
-)
+from online_dpo.trainer import DPOTrainer
 
 
 def _sequences(n=9, seed=0):
@@ -94,6 +88,16 @@ def _logps_and_grads(model, fn):
     return out.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+def _head_positions(model, fn):
+    """fn()'s result and, per forward of the LM head during it, the positions it computed logits at."""
+    seen = []
+    handle = output_head(model).register_forward_hook(lambda _m, _a, out: seen.append(out.shape[:-1].numel()))
+    try:
+        return fn(), seen
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("path", ["packed", "packed pairs", "padded"])
 def test_head_on_scored_positions_only_matches_full_logits(tiny, path):
     """Packed and padded batches run the LM head only where a completion token is predicted,
@@ -107,10 +111,14 @@ def test_head_on_scored_positions_only_matches_full_logits(tiny, path):
         packed = pack(sequences, pad_id=2)
         assert (packed.attention_mask is not None) == (path == "packed pairs")
         assert packed.input_ids.numel() < collate(sequences, 2)["input_ids"].numel()
-        got, grads = _logps_and_grads(tiny, lambda: packed_logps(tiny, packed)[0])
+        (got, grads), head = _head_positions(
+            tiny, lambda: _logps_and_grads(tiny, lambda: packed_logps(tiny, packed)[0]))
         assert packed_logps(tiny, packed)[1].tolist() == [len(c) for _, c in sequences]
     else:
-        got, grads = _logps_and_grads(tiny, lambda: batch_logps(tiny, collate(sequences, 2)))
+        (got, grads), head = _head_positions(
+            tiny, lambda: _logps_and_grads(tiny, lambda: batch_logps(tiny, collate(sequences, 2))))
+    # One forward; the head ran at the positions that predict a completion token, nowhere else.
+    assert head == [sum(len(c) for _, c in sequences)]
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
@@ -161,7 +169,16 @@ def test_scoring_in_batches_shares_prompts_and_keeps_the_order(tiny):
     """score_sequences batches a pair's two sides together; results come back in input order."""
     pairs = _sequences(6, 3)
     sequences = pairs + [(p, c[::-1] + [7]) for p, c in pairs]  # chosen rows, then rejected rows
-    batched = score_sequences(tiny, sequences, 2, "cpu", batch_size=4)
+    masks = []
+    handle = tiny.register_forward_pre_hook(lambda _m, _a, kw: masks.append(kw.get("attention_mask")),
+                                            with_kwargs=True)
+    try:
+        batched = score_sequences(tiny, sequences, 2, "cpu", batch_size=4)
+    finally:
+        handle.remove()
+    # 3 batches of 4, each two whole pairs: the prompt-sharing (4-D) mask in every forward. In
+    # input order, a batch would hold 4 chosen rows of 4 different prompts: nothing to share.
+    assert len(masks) == 3 and all(m is not None and m.dim() == 4 for m in masks)
     one_by_one = torch.cat([score_sequences(tiny, [s], 2, "cpu") for s in sequences])
     torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=1e-5)
 
@@ -173,10 +190,14 @@ def test_training_is_the_same_with_and_without_padding(tiny_model_dir):
     for padding_free in (True, False):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        packed = []  # per forward: did it get packed rows (restarting position ids)?
+        model.register_forward_pre_hook(
+            lambda _m, _a, kw, seen=packed: seen.append(kw.get("position_ids") is not None), with_kwargs=True)
         train = TrainConfig(learning_rate=1e-3, micro_batch_pairs=4, grad_accum_steps=2, padding_free=padding_free)
         trainer = DPOTrainer(model, LossConfig(beta=0.1), train, pad_id=2, accelerator=Accelerator(cpu=True))
-        metrics = trainer.train_round(pairs, ref, ref, seed=0)
+        metrics = trainer.train_round(PreferenceObjective(LossConfig(beta=0.1)), pairs, torch.cat([ref, ref]), seed=0)
         results.append((metrics, {k: v.clone() for k, v in model.state_dict().items()}))
+        assert packed and set(packed) == {padding_free}  # the flag really picks the path
     (m1, w1), (m2, w2) = results
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-5)
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()

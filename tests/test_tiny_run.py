@@ -96,9 +96,7 @@ def test_changed_recipe_refuses_to_mix(finished_run):
     from online_dpo.config import RecipeError
 
     run, _ = finished_run
-    import dataclasses
-
-    changed = dataclasses.replace(run.recipe, loss=dataclasses.replace(run.recipe.loss, beta=0.5))
+    changed = run.recipe.model_copy(update={"loss": run.recipe.loss.model_copy(update={"beta": 0.5})})
     with pytest.raises(RecipeError, match="loss.beta"):
         Run(changed).execute()
 

@@ -15,7 +15,8 @@ from online_dpo.engine import (
     verify_engine,
 )
 from online_dpo.generation.base import SamplingSettings
-from online_dpo.trainer import Pair, batch_logps, collate, score_sequences
+from online_dpo.logprobs import batch_logps, collate, score_sequences
+from online_dpo.objectives import Pair
 from tests.conftest import REPO
 from tests.test_resume import run_cli
 
@@ -28,7 +29,7 @@ def real_recipe(output_dir, **extra):
         "model": {"path": "smollm2"},
         "data": {"prompts": str(REPO / "recipes" / "data" / "prompts.jsonl"),
                  "prompts_per_round": 4, "eval_prompts": 2},
-        "generation": {"backend": "vllm", "n": 2, "temperature": 0.8, "top_p": 0.95, "max_tokens": 24},
+        "generation": {"backend": "vllm", "samples_per_prompt": 2, "temperature": 0.8, "top_p": 0.95, "max_tokens": 24},
         "judge": {"target": "judges.rules:ConciseAnswerJudge"},
         "train": {"learning_rate": 2e-5, "micro_batch_pairs": 2},
     }
