@@ -1,6 +1,9 @@
 """Judges: the pairwise/pointwise protocol and built-in judges."""
 
 from judges.protocol import (
+    JudgeConfigError,
+    JudgeRequestRejected,
+    JudgeRetryableError,
     Judgment,
     PairwiseJudge,
     PointwiseAsPairwise,
@@ -8,4 +11,5 @@ from judges.protocol import (
     Preference,
 )
 
-__all__ = ["Judgment", "PairwiseJudge", "PointwiseAsPairwise", "PointwiseJudge", "Preference"]
+__all__ = ["JudgeConfigError", "JudgeRequestRejected", "JudgeRetryableError", "Judgment",
+           "PairwiseJudge", "PointwiseAsPairwise", "PointwiseJudge", "Preference"]

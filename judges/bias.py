@@ -19,6 +19,19 @@ class BothOrders:
         self.compared = 0
         self.flipped = 0
 
+    @property
+    def pointwise(self) -> bool:
+        """A score does not depend on the order of anything: a pointwise judge behind BothOrders
+        still ranks a prompt's samples by n scores, not by n(n-1) pairwise calls."""
+        return bool(getattr(self.inner, "pointwise", False))
+
+    def score_many(self, row: Row, completions: list[str]):
+        return self.inner.score_many(row, completions)
+
+    def close(self) -> None:
+        if callable(getattr(self.inner, "close", None)):
+            self.inner.close()
+
     def judge(self, row: Row, first: str, second: str) -> Judgment:
         forward = self.inner.judge(row, first, second)
         if forward.preference == Preference.FAILED:

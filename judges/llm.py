@@ -2,20 +2,28 @@
 
 Backends: any OpenAI-compatible chat endpoint (`backend: http`, e.g. `vllm serve`), or a local
 model in-process (`backend: transformers` or `backend: vllm`). The API key is read from the
-environment variable named by `api_key_env` at call time; it is never stored in the judge's
-config, the run directory, logs or error messages.
+environment variable named by `api_key_env` at call time (and checked when the judge is built);
+it is never stored in the judge's config, the run directory, logs or error messages.
 """
 
 from __future__ import annotations
 
-import json
+import datetime
+import email.utils
 import os
 import re
-import urllib.error
-import urllib.request
 from typing import Any
 
-from judges.protocol import Judgment, Preference, Row
+import httpx
+
+from judges.protocol import (
+    JudgeConfigError,
+    JudgeRequestRejected,
+    JudgeRetryableError,
+    Judgment,
+    Preference,
+    Row,
+)
 from judges.rules import prompt_text
 
 DEFAULT_TEMPLATE = (
@@ -42,45 +50,83 @@ def parse_verdict(reply: str) -> Preference:
 
 
 class HTTPChatBackend:
-    """POST {base_url}/chat/completions, OpenAI-style."""
+    """POST {base_url}/chat/completions, OpenAI-style, over one pooled connection per backend.
+
+    One attempt per call: `ReliableJudge` is the one retry layer. Faults are typed for it:
+    HTTP 429/5xx, a refused connection or a timeout raise JudgeRetryableError (with the server's
+    Retry-After); 401/403/404 and a missing key raise JudgeConfigError (the run stops); other 4xx
+    (400: e.g. a prompt over the judge's context) raise JudgeRequestRejected (that pair fails).
+    """
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None, timeout_s: float,
                  temperature: float, max_tokens: int, extra_body: dict | None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
-        self.timeout_s = timeout_s
+        self.timeout = httpx.Timeout(timeout_s)
         self.body = {"temperature": temperature, "max_tokens": max_tokens, **(extra_body or {})}
+        self.client = httpx.Client(timeout=self.timeout)
 
     def _key(self) -> str | None:
         if not self.api_key_env:
             return None
         key = os.environ.get(self.api_key_env)
         if not key:
-            raise RuntimeError(f"environment variable {self.api_key_env} (judge api_key_env) is not set")
+            raise JudgeConfigError(f"environment variable {self.api_key_env} (judge api_key_env) is not set")
         return key
 
     def complete(self, messages: list[dict]) -> str:
-        key = self._key()
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        data = json.dumps({"model": self.model, "messages": messages, **self.body}).encode()
-        request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+        key = self._key()  # read per call, so a rotated key is picked up
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        payload = {"model": self.model, "messages": messages, **self.body}
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            detail = _redact(e.read()[:200].decode(errors="replace"), key)
-            kind = "rate limited" if e.code == 429 else "server error" if e.code >= 500 else "error"
-            raise RuntimeError(f"HTTP {e.code} ({kind}) from {self.url}: {detail}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise ConnectionError(f"cannot reach {self.url}: {_redact(str(reason), key)}") from None
+            response = self.client.post(self.url, json=payload, headers=headers, timeout=self.timeout)
+        except httpx.TimeoutException as e:
+            raise JudgeRetryableError(f"timed out ({type(e).__name__}) after {self.timeout.read:g}s "
+                                      f"waiting for {self.url}") from None
+        except httpx.TransportError as e:
+            raise JudgeRetryableError(f"cannot reach {self.url}: {_redact(str(e), key)}") from None
+        if response.status_code >= 400:
+            raise _http_error(response, self.url, key)
         try:
-            return json.loads(raw)["choices"][0]["message"]["content"]
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
-            raise ValueError(f"malformed response from {self.url}: {_redact(raw[:120].decode(errors='replace'), key)!r}") from None
+            return response.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ValueError(f"malformed response from {self.url}: "
+                             f"{_redact(response.text[:120], key)!r}") from None
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _http_error(response: httpx.Response, url: str, key: str | None) -> Exception:
+    code = response.status_code
+    detail = _redact(response.text[:200], key)
+    if code == 429 or code >= 500 or code in (408, 409):
+        kind = "rate limited" if code == 429 else "server error" if code >= 500 else "try again"
+        return JudgeRetryableError(f"HTTP {code} ({kind}) from {url}: {detail}",
+                                   retry_after=_retry_after(response.headers.get("Retry-After")))
+    if code in (401, 403, 404):
+        why = {401: "unauthorized: check the API key", 403: "forbidden: check the API key's access",
+               404: "not found: check base_url and model"}[code]
+        return JudgeConfigError(f"HTTP {code} ({why}) from {url}: {detail}")
+    return JudgeRequestRejected(f"HTTP {code} (request rejected) from {url}: {detail}")
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds, or as an HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds())
 
 
 def _redact(text: str, key: str | None) -> str:
@@ -151,6 +197,7 @@ class LLMJudge:
                 raise ValueError("LLMJudge backend 'http' needs base_url")
             self.backend = HTTPChatBackend(base_url, model, api_key_env, timeout_s, temperature,
                                            max_tokens, extra_body)
+            self.backend._key()  # a missing key stops the run before any model loads
         elif backend in ("transformers", "vllm"):
             self.backend = LocalBackend(backend, model, max_tokens)
         else:

@@ -49,6 +49,28 @@ class JudgeAnswerError(ValueError):
     """A judge answered something that is not a valid answer (NaN, wrong type, ...)."""
 
 
+class JudgeConfigError(RuntimeError):
+    """A judge fault that no retry can fix (a missing API key, HTTP 401/403, a wrong URL or model
+    name): `ReliableJudge` re-raises it at once, so the run stops with this message."""
+
+
+class JudgeRequestRejected(RuntimeError):
+    """This one request was refused as malformed (HTTP 400, 422, ...): it is not retried and
+    becomes a failed judgment with this message; the round's `judge.max_failure_rate` decides
+    whether the run goes on (one over-long pair should not stop it; a judge that refuses every
+    request does)."""
+
+
+class JudgeRetryableError(RuntimeError):
+    """A transient judge fault (HTTP 429 or 5xx, a refused connection, a timeout). `retry_after`
+    (seconds, from the server's `Retry-After`) is the least time `ReliableJudge` waits before the
+    next attempt; None leaves the wait to its exponential backoff."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 def checked_score(judge: PointwiseJudge, row: Row, completion: str) -> float:
     value = judge.score(row, completion)
     if isinstance(value, bool) or not isinstance(value, (int, float)):

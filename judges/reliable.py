@@ -3,7 +3,9 @@ and a persistent cache, so one flaky judge call never kills a run or gets paid f
 
 A call that still fails after its retries becomes a failed judgment (or a missing score) with the
 reason; the pair is dropped and counted by the round, which stops only past the recipe's
-`judge.max_failure_rate`.
+`judge.max_failure_rate`. A `JudgeConfigError` (a missing API key, a refused credential) is never
+retried: it stops the run with its message. A `JudgeRequestRejected` (HTTP 400) fails its call at
+once, and a `JudgeRetryableError`'s `retry_after` lengthens the wait before the next attempt.
 """
 
 from __future__ import annotations
@@ -12,42 +14,27 @@ import concurrent.futures
 import hashlib
 import json
 import math
-import threading
+import random
 import time
-from pathlib import Path
-from typing import Any
 
-from judges.protocol import Judgment, Preference, Row
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_base
 
+from judges.protocol import (
+    JudgeConfigError,
+    JudgeRequestRejected,
+    Judgment,
+    Preference,
+    Row,
+)
+from online_dpo.store import JsonlStore
 
-class JudgeCache:
-    """Successful answers, appended one line at a time so a killed run keeps what it paid for."""
+# Successful answers, appended one line at a time so a killed run keeps what it paid for.
+JudgeCache = JsonlStore
 
-    def __init__(self, path: Path | None):
-        self.path = path
-        self._lock = threading.Lock()
-        self._data: dict[str, Any] = {}
-        if path is not None and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a kill mid-write
-                self._data[entry["key"]] = entry["value"]
-
-    def get(self, key: str) -> Any:
-        return self._data.get(key)
-
-    def put(self, key: str, value: Any) -> None:
-        with self._lock:
-            self._data[key] = value
-            if self.path is not None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a") as f:
-                    f.write(json.dumps({"key": key, "value": value}) + "\n")
-
-    def __len__(self) -> int:
-        return len(self._data)
+# A server asking for a longer pause than this gets this: past it the call fails after its
+# retries (a dropped pair) instead of stalling the whole run for as long as the server says.
+MAX_RETRY_AFTER_S = 60.0
 
 
 def cache_key(fingerprint: str, kind: str, row: Row, *texts: str) -> str:
@@ -55,18 +42,46 @@ def cache_key(fingerprint: str, kind: str, row: Row, *texts: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+class Backoff(wait_base):
+    """Before retry n: backoff_s * 2**(n-1), or the server's Retry-After if longer (an exception's
+    `retry_after`, at most MAX_RETRY_AFTER_S), plus up to `jitter` of that at random so clients
+    throttled together do not retry together."""
+
+    def __init__(self, backoff_s: float, jitter: float, rng: random.Random):
+        self.backoff_s, self.jitter, self.rng = backoff_s, jitter, rng
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        wait = self.backoff_s * 2 ** (retry_state.attempt_number - 1)
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            wait = max(wait, min(float(retry_after), MAX_RETRY_AFTER_S))
+        return wait * (1 + self.rng.uniform(0, self.jitter))
+
+
+def _retryable(error: BaseException) -> bool:
+    # Anything else a judge raises (a crash, a timeout, garbage, HTTP 429/5xx) may pass on retry;
+    # a KeyboardInterrupt is not a judge fault.
+    return isinstance(error, Exception) and not isinstance(error, (JudgeConfigError, JudgeRequestRejected))
+
+
 class ReliableJudge:
-    """Wraps a pairwise judge (and its `score`, if it is also pointwise)."""
+    """Wraps a pairwise judge (and its `score`, if it is also pointwise). The one retry layer:
+    each call gets `retries` more attempts after the first, backing off from `backoff_s`, each
+    attempt bounded by `timeout_s`. `sleep` is injectable for tests."""
 
     def __init__(self, inner, *, fingerprint: str, retries: int = 2, timeout_s: float | None = None,
-                 backoff_s: float = 0.5, cache: JudgeCache | None = None, sleep=time.sleep):
+                 backoff_s: float = 0.5, cache: JsonlStore | None = None, sleep=time.sleep,
+                 jitter: float = 0.1):
         self.inner = inner
         self.fingerprint = fingerprint
         self.retries = retries
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
-        self.cache = cache if cache is not None else JudgeCache(None)
+        self.cache = cache if cache is not None else JsonlStore(None)
         self.sleep = sleep
+        # Its own generator: jitter must not move the run's seeded `random` stream.
+        self.wait = Backoff(backoff_s, jitter, random.Random())
         self.calls = 0
         self.retried = 0
         self.cache_hits = 0
@@ -90,17 +105,27 @@ class ReliableJudge:
             raise TimeoutError(f"no answer within {self.timeout_s:g}s") from None
 
     def _with_retries(self, fn, validate, *args):
-        """(answer, None) on success, else (None, reason of the last failure)."""
-        reason = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.retried += 1
-                self.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                return validate(self._call(fn, *args)), None
-            except Exception as e:  # noqa: BLE001 - any judge fault is retried, then recorded
-                reason = f"{type(e).__name__}: {e}"
-        return None, f"failed after {self.retries + 1} attempts: {reason}"
+        """(answer, None) on success, else (None, reason of the last failure). A JudgeConfigError
+        is raised at once: no retry can fix it, so the run stops with its message."""
+
+        def count_retry(_state: RetryCallState) -> None:
+            self.retried += 1
+
+        retrying = Retrying(stop=stop_after_attempt(self.retries + 1), wait=self.wait,
+                            retry=retry_if_exception(_retryable), sleep=self.sleep,
+                            before_sleep=count_retry, reraise=True)
+        try:
+            for attempt in retrying:
+                with attempt:
+                    answer = validate(self._call(fn, *args))
+            return answer, None
+        except JudgeConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any other judge fault is recorded, never fatal
+            attempts = retrying.statistics.get("attempt_number", 1)
+            why = "not retryable" if isinstance(e, JudgeRequestRejected) else \
+                f"failed after {attempts} attempts"
+            return None, f"{why}: {type(e).__name__}: {e}"
 
     def score(self, row: Row, completion: str) -> tuple[float | None, str]:
         key = cache_key(self.fingerprint, "score", row, completion)
@@ -152,6 +177,13 @@ class ReliableJudge:
             self.cache.put(key, {"preference": answer.preference.value, "reason": answer.reason,
                                  "first_score": answer.first_score, "second_score": answer.second_score})
         return answer
+
+    def close(self) -> None:
+        """Release the judge's resources (an HTTP judge's connection pool)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if callable(getattr(self.inner, "close", None)):
+            self.inner.close()
 
     def pop_stats(self) -> dict:
         stats = {"judge_calls": self.calls, "judge_retries": self.retried, "judge_cache_hits": self.cache_hits}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from judges.protocol import Judgment, Preference, Row
+from judges.protocol import JudgeConfigError, Judgment, Preference, Row
 
 
 class MajorityVote:
@@ -44,6 +44,8 @@ class MajorityVote:
         for voter in self.voters:
             try:
                 answer = voter.judge(row, first, second)
+            except JudgeConfigError:
+                raise  # a missing key or refused credential stops the run, not one vote
             except Exception as e:  # noqa: BLE001 - one broken voter is one failed vote
                 answer = Judgment(Preference.FAILED, f"{type(e).__name__}: {e}")
             votes.append(answer.preference if isinstance(answer, Judgment) else Preference.FAILED)

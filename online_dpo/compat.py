@@ -12,13 +12,20 @@ import inspect
 import os
 from typing import Any
 
-from online_dpo.config import JudgeConfig, Recipe, RecipeError
+from accelerate.utils import DistributedType
+
+from judges.loading import JudgeLoadError, validate_judge_target
+from online_dpo.distributed import REPLICATED
+from online_dpo.errors import RecipeError
+
+# Recipes arrive here as online_dpo.config.Recipe (and JudgeConfig) objects. They go unannotated:
+# config.py runs these checks at load time, so this module must not import it back.
 
 # Losses on pairs whose labels cDPO's label smoothing models as flipped with some probability.
 SMOOTHED_LOSSES = ("sigmoid", "robust")
 
 
-def check_recipe(recipe: Recipe) -> None:
+def check_recipe(recipe) -> None:
     """Refuse combinations the pipeline cannot honour, and resolve every judge the recipe names."""
     _check_sections(recipe)
     _check_kto(recipe)
@@ -33,7 +40,7 @@ def check_recipe(recipe: Recipe) -> None:
         )
 
 
-def _check_sections(recipe: Recipe) -> None:
+def _check_sections(recipe) -> None:
     if recipe.train.lora is not None and recipe.reference.schedule != "fixed":
         raise RecipeError(
             f"train.lora: needs reference.schedule: fixed (the reference is the base model with the "
@@ -53,7 +60,7 @@ def _check_sections(recipe: Recipe) -> None:
                           f"{recipe.mode}, which samples its pairs); remove data.pairs or set mode: offline")
 
 
-def _check_kto(recipe: Recipe) -> None:
+def _check_kto(recipe) -> None:
     """KTO trains on single samples, each labelled by its own score, not on pairs."""
     if recipe.loss.loss_type != "kto":
         return
@@ -65,16 +72,14 @@ def _check_kto(recipe: Recipe) -> None:
                           "labels every sample by its score: use best_vs_worst")
 
 
-def needs_pointwise_judge(recipe: Recipe) -> bool:
+def needs_pointwise_judge(recipe) -> bool:
     """KTO labels samples by score unless a labelled dataset (offline data.pairs) is given."""
     return recipe.loss.loss_type == "kto" and not (recipe.mode == "offline" and recipe.data.pairs)
 
 
-def resolve_judge(cfg: JudgeConfig, key: str) -> Any:
+def resolve_judge(cfg, key: str) -> Any:
     """Import the judge class `cfg.target` and check `cfg.kwargs` fit it, without building it.
     `key` is where the judge sits in the recipe ("judge" or "eval.judge")."""
-    from judges.loading import JudgeLoadError, validate_judge_target
-
     try:
         return validate_judge_target(cfg.target, cfg.kwargs)
     except JudgeLoadError as e:
@@ -87,12 +92,8 @@ def resolve_judge(cfg: JudgeConfig, key: str) -> Any:
 # ---------------------------------------------------------------------------- launch
 
 
-def check_launch(recipe: Recipe, accelerator) -> None:
+def check_launch(recipe, accelerator) -> None:
     """Refuse recipe settings the launch's distributed setup cannot run (before any model loads)."""
-    from accelerate.utils import DistributedType
-
-    from online_dpo.distributed import REPLICATED
-
     kind = accelerator.distributed_type
     if kind in REPLICATED:
         asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
@@ -121,7 +122,7 @@ def check_launch(recipe: Recipe, accelerator) -> None:
     )
 
 
-def _check_deepspeed(recipe: Recipe, accelerator) -> None:
+def _check_deepspeed(recipe, accelerator) -> None:
     plugin = accelerator.state.deepspeed_plugin
     if recipe.train.lora is not None:
         raise RuntimeError("train.lora with DeepSpeed is not supported; LoRA already keeps one model "

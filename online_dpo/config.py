@@ -23,9 +23,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from online_dpo.compat import check_recipe
+from online_dpo.errors import RecipeError
 
-class RecipeError(ValueError):
-    """A recipe is malformed; the message names the offending key."""
+__all__ = ["RecipeError"]  # re-exported: callers catch config.RecipeError
+
+
 
 
 def _refuse_bool(value: Any) -> Any:
@@ -370,8 +373,6 @@ def recipe_from_dict(data: dict, base_dir: Path | None = None) -> Recipe:
     """Validate a recipe mapping, resolve its data paths and check it (online_dpo.compat).
 
     Raises RecipeError naming the dotted key of each problem found."""
-    from online_dpo.compat import check_recipe
-
     if not isinstance(data, dict):
         raise RecipeError(f"recipe: expected a mapping, got {type(data).__name__}")
     try:

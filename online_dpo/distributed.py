@@ -103,14 +103,6 @@ def prepare_deepspeed_config(accelerator, train) -> None:
     config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world
 
 
-def check_supported(accelerator, recipe) -> None:
-    """Refuse what this launch cannot run (FSDP1, LoRA or EMA when sharded, DeepSpeed fp16, ...):
-    online_dpo.compat.check_launch."""
-    from online_dpo.compat import check_launch
-
-    check_launch(recipe, accelerator)
-
-
 def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
     """The model's whole weights on every process; a collective call when training is sharded."""
     if zero_stage(accelerator) == 3:

@@ -10,9 +10,10 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from online_dpo.compat import check_launch
 from online_dpo.config import Recipe
 from online_dpo.data import to_messages
-from online_dpo.distributed import check_supported, full_state_dict, load_models_whole
+from online_dpo.distributed import full_state_dict, load_models_whole
 from online_dpo.generation.base import Generator
 from online_dpo.logprobs import check_packing
 from online_dpo.lora import AdapterDisabled, add_adapter, merged_state_dict
@@ -73,7 +74,7 @@ class Models:
             # Master weights stay fp32; CUDA computes in bf16 (bf16 on this CPU is ~9x slower).
             mixed_precision="bf16" if torch.cuda.is_available() else "no",
         )
-        check_supported(self.accelerator, recipe)  # before loading: the checks are cheap, loads are not
+        check_launch(recipe, self.accelerator)  # before loading: the checks are cheap, loads are not
         load_models_whole(self.accelerator)
         self.device = self.accelerator.device
         self.policy = self.load(self.model_dir).train()

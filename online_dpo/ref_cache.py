@@ -19,6 +19,7 @@ import transformers
 
 from online_dpo.models import cache_root
 from online_dpo.packing import LAYOUT
+from online_dpo.store import JsonlStore
 
 Sequences = Sequence[tuple[list[int], list[int]]]
 
@@ -48,25 +49,15 @@ class ReferenceLogpCache:
         root = root or Path(os.environ.get("ONLINE_DPO_REFERENCE_CACHE", cache_root() / "reference_logps"))
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / f"{fingerprint}.jsonl"
-        self.values: dict[str, float] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:  # a run killed mid-append leaves at most one torn last line: skip it
-                    item = json.loads(line)
-                    self.values[item["key"]] = float(item["logp"])
-                except (ValueError, KeyError, TypeError):
-                    continue
+        self.store = JsonlStore(self.path, value_field="logp")
 
     def score(self, sequences: Sequences, compute: Callable[[Sequences], torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Cached values where present, `compute` for the rest (then stored); returns (logps, hits)."""
         keys = [sequence_key(p, c) for p, c in sequences]
-        missing = [i for i, k in enumerate(keys) if k not in self.values]
-        out = torch.tensor([self.values.get(k, 0.0) for k in keys], dtype=torch.float32)
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        out = torch.tensor([float(self.store.get(k, 0.0)) for k in keys], dtype=torch.float32)
         if missing:
             fresh = compute([sequences[i] for i in missing])
             out[missing] = fresh
-            with self.path.open("a") as f:
-                for i, value in zip(missing, fresh.tolist()):
-                    self.values[keys[i]] = value
-                    f.write(json.dumps({"key": keys[i], "logp": value}) + "\n")
+            self.store.put_many((keys[i], value) for i, value in zip(missing, fresh.tolist()))
         return out, len(keys) - len(missing)

@@ -107,6 +107,8 @@ class Run:
         finally:
             if self.steps.generator is not None:
                 self.steps.generator.close()
+            for judge in {id(j): j for j in judges[:2] if j is not None}.values():
+                judge.close()  # an HTTP judge's pooled connections, a local judge's engine
         procs.barrier()
         return finish_run(self.dir, recipe.rounds) if self.main else []
 

@@ -25,7 +25,7 @@ def chat_reply(content: str) -> bytes:
 
 
 class ScriptedServer:
-    """Answers POSTs from a script of (status, body, delay_s); the last entry repeats."""
+    """Answers POSTs from a script of (status, body, delay_s[, headers]); the last entry repeats."""
 
     def __init__(self, script):
         self.script = list(script)
@@ -37,11 +37,14 @@ class ScriptedServer:
                 length = int(self.headers.get("Content-Length", 0))
                 server.requests.append({"headers": dict(self.headers),
                                         "body": json.loads(self.rfile.read(length))})
-                status, body, delay = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                entry = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                status, body, delay = entry[:3]
                 time.sleep(delay)
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
+                    for name, value in (entry[3] if len(entry) > 3 else {}).items():
+                        self.send_header(name, value)
                     self.end_headers()
                     self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
@@ -93,3 +96,5 @@ class VLLMServer:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()

@@ -196,22 +196,22 @@ def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=Fals
     ("XLA", {}, {}, "not supported by the round pipeline"),
 ])
 def test_which_distributed_setups_the_pipeline_accepts(kind, settings, overrides, error):
+    from online_dpo.compat import check_launch
     from online_dpo.config import recipe_from_dict
-    from online_dpo.distributed import check_supported
 
     recipe = recipe_from_dict(minimal(**overrides))
     if error is None:
-        check_supported(_accelerator(kind, **settings), recipe)
+        check_launch(recipe, _accelerator(kind, **settings))
     else:
         with pytest.raises(RuntimeError, match=error):
-            check_supported(_accelerator(kind, **settings), recipe)
+            check_launch(recipe, _accelerator(kind, **settings))
 
 
 def test_an_fsdp_config_on_cpu_warns_that_it_runs_data_parallel(monkeypatch, capsys):
+    from online_dpo.compat import check_launch
     from online_dpo.config import recipe_from_dict
-    from online_dpo.distributed import check_supported
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     recipe = recipe_from_dict(minimal())
-    check_supported(_accelerator("MULTI_CPU"), recipe)
+    check_launch(recipe, _accelerator("MULTI_CPU"))
     assert "accelerate runs FSDP on accelerators only" in capsys.readouterr().out

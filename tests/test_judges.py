@@ -97,10 +97,16 @@ def test_round_robin_for_pairwise_only_judges():
 
 
 def test_random_pair_strategy_uses_two_distinct_samples():
-    rec = judge_samples(stack(Lengthy()), ROW, ["a", "bb", "ccc", "dddd"], "random",
-                        random.Random(1))
-    assert rec["status"] == KEPT and rec["chosen"] != rec["rejected"]
-    assert len(rec["comparisons"]) == 1
+    texts = ["a", "bb", "ccc", "dddd"]
+    drawn = set()
+    for seed in range(20):
+        rec = judge_samples(stack(Lengthy()), ROW, texts, "random", random.Random(seed))
+        assert rec["status"] == KEPT and rec["chosen"] != rec["rejected"]
+        (comparison,) = rec["comparisons"]  # one judge call: the drawn pair
+        assert {comparison["first"], comparison["second"]} == {rec["chosen"], rec["rejected"]}
+        assert len(texts[rec["chosen"]]) > len(texts[rec["rejected"]])  # the judge's winner
+        drawn.add(frozenset((rec["chosen"], rec["rejected"])))
+    assert len(drawn) >= 4  # drawn at random, not the same pair (nor best vs worst) every time
 
 
 def test_build_judge_by_dotted_path():
@@ -144,7 +150,11 @@ def test_retries_with_exponential_backoff_then_success():
     sleeps = []
     judge = stack(Flaky(2), retries=2, backoff_s=0.5, sleep=sleeps.append)
     assert judge.score(ROW, "abc") == (3.0, "")
-    assert sleeps == [0.5, 1.0] and judge.pop_stats()["judge_retries"] == 2
+    # backoff_s, doubling, each plus up to 10% jitter
+    assert 0.5 <= sleeps[0] <= 0.55 and 1.0 <= sleeps[1] <= 1.1 and len(sleeps) == 2
+    assert judge.pop_stats()["judge_retries"] == 2
+    exact = stack(Flaky(2), retries=2, backoff_s=0.5, sleep=sleeps.append, jitter=0.0)
+    assert exact.score(ROW, "abc") == (3.0, "") and sleeps[2:] == [0.5, 1.0]
 
 
 def test_retries_are_bounded():
@@ -223,4 +233,5 @@ def test_entry_point_plugins_resolve(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text("[online_dpo.judges]\nconcise = judges.rules:ConciseAnswerJudge\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     judge = build_judge("concise", {"max_words": 5})
-    assert judge.score(ROW, "Volcanoes erupt every year.") > 0
+    assert isinstance(judge.inner, ConciseAnswerJudge) and judge.inner.max_words == 5
+    assert judge.score(ROW, "Volcanoes erupt every year.") == pytest.approx(1 - 4 / 5 + 1 + 1)

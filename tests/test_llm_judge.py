@@ -1,12 +1,14 @@
 """LLM-as-judge: strict verdict parsing, every HTTP fault against a real local server, API-key
 hygiene, and the real endpoint path against `vllm serve` of SmolLM2."""
 
+import time
 
 import pytest
 
-from judges.llm import LLMJudge, VerdictParseError, parse_verdict
-from judges.protocol import Preference
-from judges.reliable import ReliableJudge
+from judges.bias import BothOrders
+from judges.llm import LLMJudge, VerdictParseError, _retry_after, parse_verdict
+from judges.protocol import JudgeConfigError, Preference
+from judges.reliable import MAX_RETRY_AFTER_S, ReliableJudge
 from online_dpo.config import recipe_from_dict
 from online_dpo.run import Run
 from tests.conftest import tiny_recipe_dict
@@ -30,9 +32,9 @@ def test_parse_verdict_is_strict(reply):
         parse_verdict(reply)
 
 
-def http_judge(url, **kwargs):
+def http_judge(url, sleep=time.sleep, **kwargs):
     judge = LLMJudge(backend="http", model="m", base_url=url, **kwargs)
-    return ReliableJudge(judge, fingerprint="t", retries=2, backoff_s=0.01)
+    return ReliableJudge(judge, fingerprint="t", retries=2, backoff_s=0.01, sleep=sleep)
 
 
 @pytest.fixture
@@ -71,8 +73,66 @@ def test_malformed_json_and_unparseable_verdicts(server):
 
 def test_slow_server_times_out(server):
     s = server([(200, chat_reply("A"), 3.0)])
+    t0 = time.monotonic()
     judgment = http_judge(s.url, timeout_s=0.3).judge(ROW, GOOD, BAD)
     assert judgment.preference == Preference.FAILED and "timed out" in judgment.reason
+    assert "failed after 3 attempts" in judgment.reason and len(s.requests) == 3  # timeouts retry
+    assert time.monotonic() - t0 < 2.5  # three 0.3 s attempts, not three 3 s answers
+
+
+def test_429_waits_for_retry_after_then_succeeds(server):
+    s = server([(429, b"slow down", 0, {"Retry-After": "2"}), (200, chat_reply("B"), 0)])
+    sleeps = []
+    judge = http_judge(s.url, sleep=sleeps.append)
+    assert judge.judge(ROW, GOOD, BAD).preference == Preference.SECOND and len(s.requests) == 2
+    assert len(sleeps) == 1 and 2.0 <= sleeps[0] <= 2.2  # the server's 2 s (plus jitter), not 0.01 s
+    assert judge.pop_stats()["judge_retries"] == 1
+
+
+def test_503_is_retried_with_backoff(server):
+    s = server([(503, b"busy", 0), (503, b"busy", 0), (200, chat_reply("A"), 0)])
+    sleeps = []
+    assert http_judge(s.url, sleep=sleeps.append).judge(ROW, GOOD, BAD).preference == Preference.FIRST
+    assert len(s.requests) == 3 and 0.01 <= sleeps[0] <= 0.011 and 0.02 <= sleeps[1] <= 0.022
+
+
+def test_retry_after_is_read_and_capped(server):
+    assert _retry_after("3") == 3.0 and _retry_after("0.5") == 0.5 and _retry_after(None) is None
+    assert _retry_after("soon") is None and _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    s = server([(503, b"maintenance", 0, {"Retry-After": "3600"}), (200, chat_reply("A"), 0)])
+    sleeps = []
+    assert http_judge(s.url, sleep=sleeps.append).judge(ROW, GOOD, BAD).preference == Preference.FIRST
+    assert MAX_RETRY_AFTER_S <= sleeps[0] <= 1.1 * MAX_RETRY_AFTER_S  # an hour is cut to the cap
+
+
+def test_401_stops_at_once_without_the_key(server, monkeypatch):
+    monkeypatch.setenv("JUDGE_API_KEY", SECRET)
+    s = server([(401, b'{"error": "bad key ' + SECRET.encode() + b'"}', 0), (200, chat_reply("A"), 0)])
+    sleeps = []
+    judge = BothOrders(http_judge(s.url, sleep=sleeps.append, api_key_env="JUDGE_API_KEY"))
+    with pytest.raises(JudgeConfigError, match="HTTP 401") as info:
+        judge.judge(ROW, GOOD, BAD)
+    assert len(s.requests) == 1 and not sleeps  # not retried: no key gets better by asking again
+    assert s.url in str(info.value) and SECRET not in str(info.value) and "***" in str(info.value)
+
+
+def test_400_is_not_retried_and_fails_that_pair(server):
+    s = server([(400, b'{"error": "prompt too long"}', 0), (200, chat_reply("A"), 0)])
+    sleeps = []
+    judgment = http_judge(s.url, sleep=sleeps.append).judge(ROW, GOOD, BAD)
+    assert judgment.preference == Preference.FAILED and len(s.requests) == 1 and not sleeps
+    assert "HTTP 400" in judgment.reason and "prompt too long" in judgment.reason
+    assert "not retryable" in judgment.reason and s.url in judgment.reason
+
+
+def test_close_closes_the_connection_pool(server):
+    s = server([(200, chat_reply("A"), 0)])
+    judge = http_judge(s.url)
+    assert judge.judge(ROW, GOOD, BAD).preference == Preference.FIRST
+    client = judge.inner.backend.client
+    assert not client.is_closed
+    judge.close()
+    assert client.is_closed
 
 
 def test_connection_refused():
@@ -86,7 +146,7 @@ def test_api_key_is_sent_but_never_written(server, tiny_model_dir, prompts_file,
     judge = {"target": "judges.llm:LLMJudge", "retries": 1, "backoff_s": 0.01,
              "kwargs": {"backend": "http", "model": "m", "base_url": s.url, "api_key_env": "JUDGE_API_KEY"}}
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", judge=judge, rounds=1,
-                            **{"generation.n": 2})
+                            **{"generation.samples_per_prompt": 2})
     Run(recipe_from_dict(data)).execute()
     assert s.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
     for path in (tmp_path / "runs").rglob("*"):
@@ -102,8 +162,14 @@ def test_api_key_is_sent_but_never_written(server, tiny_model_dir, prompts_file,
 def test_missing_api_key_env_is_a_clear_failure(server, monkeypatch):
     monkeypatch.delenv("NOT_SET_KEY", raising=False)
     s = server([(200, chat_reply("A"), 0)])
-    judgment = http_judge(s.url, api_key_env="NOT_SET_KEY").judge(ROW, GOOD, BAD)
-    assert "NOT_SET_KEY" in judgment.reason and not s.requests
+    with pytest.raises(JudgeConfigError, match="NOT_SET_KEY"):  # when the judge is built
+        http_judge(s.url, api_key_env="NOT_SET_KEY")
+    monkeypatch.setenv("NOT_SET_KEY", SECRET)
+    judge = http_judge(s.url, api_key_env="NOT_SET_KEY", sleep=lambda s: pytest.fail("retried"))
+    monkeypatch.delenv("NOT_SET_KEY")  # unset mid-run: the next call stops, sending nothing
+    with pytest.raises(JudgeConfigError, match=r"NOT_SET_KEY \(judge api_key_env\) is not set"):
+        judge.judge(ROW, GOOD, BAD)
+    assert not s.requests
 
 
 def test_template_must_have_its_fields():
@@ -120,12 +186,13 @@ def test_real_vllm_serve_endpoint(smollm2_dir, tiny_model_dir, prompts_file, tmp
                   "extra_body": {"structured_outputs": {"choice": ["A", "B", "TIE"]}}}
         judge = LLMJudge(**kwargs)
         verdicts = {judge.judge(ROW, GOOD, BAD).preference, judge.judge(ROW, BAD, GOOD).preference}
+        judge.close()
         assert verdicts <= {Preference.FIRST, Preference.SECOND, Preference.TIE}
         # A short real run judged by the served model, with both-orders bias control on.
         data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=1,
                                 judge={"target": "judges.llm:LLMJudge", "kwargs": kwargs,
                                        "both_orders": True, "max_failure_rate": 1.0},
-                                **{"generation.n": 2})
+                                **{"generation.samples_per_prompt": 2})
         rows = Run(recipe_from_dict(data)).execute()
         assert rows[0]["position_flip_rate"] is not None
         assert rows[0]["pairs_failed"] == 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
+import re
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -19,6 +21,8 @@ MAX_BATCHED_TOKENS = 16384
 # On 2 CPU cores more concurrent sequences stop adding throughput well before 64, and a 1 GiB KV
 # cache holds ~20k tokens of SmolLM2: more sequences would only force preemption.
 MAX_SEQS = 256 if torch.cuda.is_available() else 64
+REDUCE_OP_WARNING = ("`torch.distributed.reduce_op` is deprecated, please use "
+                     "`torch.distributed.ReduceOp` instead")
 
 
 def fit_batches(prompt_ids: list[list[int]], n: int, max_tokens: int = MAX_BATCHED_TOKENS,
@@ -44,6 +48,11 @@ def configure_vllm_env(kv_cache_gib: int) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Harmless: at engine start vllm-cpu's Triton kernel dispatcher scans every loaded module's
+    # globals with hasattr(), which trips torch's deprecation of the `torch.distributed.reduce_op`
+    # alias; nothing reads or uses it. Only that message, only from that module, is silenced.
+    warnings.filterwarnings("ignore", message=re.escape(REDUCE_OP_WARNING), category=FutureWarning,
+                            module=r"vllm\.triton_utils\.dispatcher")
 
 
 class VLLMGenerator:
