@@ -144,16 +144,15 @@ def _save(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def plot_comparison(runs: list[dict], out_dir) -> list[Path]:
-    """Write win_rate.png, frontier.png and length.png into `out_dir`; return their paths."""
+def comparison_figures(runs: list[dict]):
+    """Yield (filename, matplotlib Figure) for win_rate.png, frontier.png and length.png, in
+    that order. The caller owns each figure (save it, then `plt.close` it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     specs = [
         ("win_rate.png", "round", ("win_rate_vs_pi0",), "round", "win rate vs π0 (ties = ½)"),
         ("frontier.png", "kl_to_pi0", ("eval_judge_score",), "KL to π0 (nats)",
@@ -161,7 +160,6 @@ def plot_comparison(runs: list[dict], out_dir) -> list[Path]:
         ("length.png", "round", ("eval_mean_length", "mean_length"), "round",
          "mean length (tokens)"),
     ]
-    paths = []
     for filename, x_key, y_keys, x_label, y_label in specs:
         fig, ax = plt.subplots(figsize=(6, 4))
         try:
@@ -185,9 +183,26 @@ def plot_comparison(runs: list[dict], out_dir) -> list[Path]:
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
             fig.tight_layout()
-            path = out_dir / filename
-            _save(fig, path)
-            paths.append(path)
+        except BaseException:
+            plt.close(fig)
+            raise
+        yield filename, fig
+
+
+def plot_comparison(runs: list[dict], out_dir) -> list[Path]:
+    """Write win_rate.png, frontier.png and length.png into `out_dir`; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for filename, fig in comparison_figures(runs):
+        try:
+            _save(fig, out_dir / filename)
+            paths.append(out_dir / filename)
         finally:
             plt.close(fig)
     return paths

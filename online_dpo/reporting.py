@@ -95,11 +95,14 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join([header, rule, *body])
 
 
-def plot_run(rows: list[dict], path: Path) -> None:
+def run_figure(rows: list[dict]):
+    """The run's plot as a matplotlib Figure (the caller closes it): mean judge score of fresh
+    samples and of held-out prompts per round (left), KL to the reference per round (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     def series(key):  # rounds without the metric (offline, or not evaluated: eval.every) are left out
         kept = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
@@ -114,8 +117,19 @@ def plot_run(rows: list[dict], path: Path) -> None:
     ax2.plot(*series("kl_to_reference"), "o-", color="tab:red")
     ax2.set_xlabel("round")
     ax2.set_ylabel("KL to reference (nats)")
+    for ax in (ax1, ax2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    return fig
+
+
+def plot_run(rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = run_figure(rows)
+    try:
+        tmp = path.with_name(path.name + ".tmp.png")
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)

@@ -3,7 +3,8 @@
 loss = -log sigmoid(r(x, y_chosen) - r(x, y_rejected))   (Bradley & Terry 1952; Ouyang et al. 2022)
 
 The result is a HF sequence-classification folder that `judges.reward_model:RewardModelJudge`
-loads. Held-out pair accuracy is printed and saved in `<out>/reward_model_metrics.json`.
+loads. Held-out pair accuracy is printed and saved in `<out>/reward_model_metrics.json`, and the
+held-out pairs with the trained model's rewards in `<out>/held_out_pairs.jsonl`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from judges.reward_model import format_for_reward_model
-from online_dpo.artifacts import write_dir_atomic, write_json
+from online_dpo.artifacts import write_dir_atomic, write_json, write_jsonl
 from online_dpo.data import DatasetError
 from online_dpo.offline import load_preference_rows
 
@@ -36,15 +37,24 @@ def _rewards(model, tokenizer, items, device, max_length) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pair_accuracy(model, tokenizer, pairs, device, max_length=512, batch_pairs=8) -> float:
+def pair_rewards(model, tokenizer, pairs, device, max_length=512, batch_pairs=8) -> list[tuple[float, float]]:
+    """(chosen reward, rejected reward) of each pair."""
     model.eval()
-    correct = 0
+    out = []
     for s in range(0, len(pairs), batch_pairs):
         chunk = pairs[s:s + batch_pairs]
         r = _rewards(model, tokenizer, [(p["row"], p["chosen"]) for p in chunk]
-                     + [(p["row"], p["rejected"]) for p in chunk], device, max_length)
-        correct += (r[:len(chunk)] > r[len(chunk):]).sum().item()
-    return correct / max(len(pairs), 1)
+                     + [(p["row"], p["rejected"]) for p in chunk], device, max_length).tolist()
+        out += zip(r[:len(chunk)], r[len(chunk):])
+    return out
+
+
+def accuracy(rewards: list[tuple[float, float]]) -> float:
+    return sum(c > r for c, r in rewards) / max(len(rewards), 1)
+
+
+def pair_accuracy(model, tokenizer, pairs, device, max_length=512, batch_pairs=8) -> float:
+    return accuracy(pair_rewards(model, tokenizer, pairs, device, max_length, batch_pairs))
 
 
 def train_reward_model(pairs_path: str, base: str, out: str, *, epochs: int = 2, lr: float = 2e-5,
@@ -88,10 +98,11 @@ def train_reward_model(pairs_path: str, base: str, out: str, *, epochs: int = 2,
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+    held_out_rewards = pair_rewards(model, tokenizer, held_out, device, max_length)
     metrics = {
         "train_pairs": len(train), "held_out_pairs": len(held_out),
         "held_out_accuracy_before": before,
-        "held_out_accuracy": pair_accuracy(model, tokenizer, held_out, device, max_length),
+        "held_out_accuracy": accuracy(held_out_rewards),
         "train_accuracy": pair_accuracy(model, tokenizer, train, device, max_length),
         "final_loss": sum(losses[-5:]) / len(losses[-5:]), "seconds": time.perf_counter() - t0,
         "base": str(base_dir), "pairs": str(pairs_path),
@@ -101,6 +112,12 @@ def train_reward_model(pairs_path: str, base: str, out: str, *, epochs: int = 2,
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "reward_model_metrics.json", metrics)
+        # The held-out pairs with the rewards the trained model gave them, to check the saved
+        # folder (weights, tokenizer, chat template) scores them the same way.
+        write_jsonl(tmp / "held_out_pairs.jsonl",
+                    [{"row": p["row"], "chosen": p["chosen"], "rejected": p["rejected"],
+                      "chosen_reward": c, "rejected_reward": r}
+                     for p, (c, r) in zip(held_out, held_out_rewards)])
 
     write_dir_atomic(Path(out), save)
     return metrics

@@ -9,6 +9,7 @@ from online_dpo.compare import (
     budget_warnings,
     budgets,
     compare,
+    comparison_figures,
     load_run,
     main,
     markdown_tables,
@@ -122,16 +123,94 @@ def test_budget_warnings_name_every_differing_key(tmp_path):
     ]
 
 
-def test_plots_exist_and_are_non_trivial(runs_root, tmp_path):
+@pytest.fixture
+def figures():
+    """comparison_figures as a dict {filename: Axes}; every figure is closed after the test."""
+    import matplotlib.pyplot as plt
+
+    opened = []
+
+    def draw(runs):
+        figs = dict(comparison_figures(runs))
+        opened.extend(figs.values())
+        assert all(len(f.axes) == 1 for f in figs.values())
+        return {name: f.axes[0] for name, f in figs.items()}
+
+    yield draw
+    for fig in opened:
+        plt.close(fig)
+
+
+def run_lines(ax):
+    """(label, xs, ys, colour) of each run's line; helper lines (labels starting '_') left out."""
+    return [(ln.get_label(), list(ln.get_xdata()), list(ln.get_ydata()), ln.get_color())
+            for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+
+
+def integer_ticks(ax):
+    ticks = list(ax.get_xticks())
+    return ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_plots_draw_every_runs_series_with_labels(runs_root, figures):
+    axes = figures([load_run(runs_root / n) for n in ("alpha", "beta", "gamma")])
+    assert list(axes) == ["win_rate.png", "frontier.png", "length.png"]
+    win, frontier, length = axes.values()
+
+    assert run_lines(win) == [("alpha", [1, 2, 3], [0.55, 0.625, 0.7], "C0"),
+                              ("beta", [1, 2, 3], [0.5, 0.6, 0.65], "C1"),
+                              ("gamma", [1, 2], [0.52, 0.58], "C2")]  # round 3: no win rate
+    chance = [ln for ln in win.get_lines() if ln.get_label().startswith("_")]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [0.5, 0.5]
+    assert chance[0].get_linestyle() == "--"
+    assert (win.get_xlabel(), win.get_ylabel()) == ("round", "win rate vs π0 (ties = ½)")
+
+    assert run_lines(frontier) == [("alpha", [0.8, 1.75, 2.5], [1.2, 1.5, 1.84], "C0"),
+                                   ("beta", [0.5, 1.0, 1.5], [1.1, 1.3, 1.45], "C1"),
+                                   ("gamma", [0.4, 0.9, 1.2], [1.0, 1.2, 1.4], "C2")]
+    # Each frontier point is annotated with its round.
+    assert [(t.get_text(), t.xy) for t in frontier.texts][:3] == [
+        ("1", (0.8, 1.2)), ("2", (1.75, 1.5)), ("3", (2.5, 1.84))]
+    assert [t.get_text() for t in frontier.texts] == ["1", "2", "3"] * 3
+    assert (frontier.get_xlabel(), frontier.get_ylabel()) == ("KL to π0 (nats)",
+                                                              "held-out judge score")
+
+    # Eval length where logged; gamma's round 3 falls back to mean_length (0 + 3).
+    assert run_lines(length) == [("alpha", [1, 2, 3], [40.0, 35.5, 30.25], "C0"),
+                                 ("beta", [1, 2, 3], [50.0, 48.0, 47.0], "C1"),
+                                 ("gamma", [1, 2, 3], [60.0, 58.0, 3], "C2")]
+    assert (length.get_xlabel(), length.get_ylabel()) == ("round", "mean length (tokens)")
+
+    for ax in (win, length):  # rounds are whole numbers: no 1.5 on the round axis
+        assert integer_ticks(ax) and {1, 2, 3} <= set(ax.get_xticks())
+    for ax in axes.values():
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["alpha", "beta", "gamma"]
+
+
+def test_a_run_without_a_metric_keeps_the_others_colours(tmp_path, figures):
+    no_win = load_run(make_run(tmp_path, "no_win", [
+        {k: v for k, v in row(1, None, 1.0, 0.1, 10.0).items() if k != "win_rate_vs_pi0"}]))
+    other = load_run(make_run(tmp_path, "other", [row(1, 0.5, 1.0, 0.2, 12.0)]))
+    win, frontier, _ = figures([no_win, other]).values()
+    assert run_lines(win) == [("other", [1], [0.5], "C1")]
+    assert [c for *_, c in run_lines(frontier)] == ["C0", "C1"]
+
+
+def test_plot_files_are_those_figures(runs_root, tmp_path):
+    import io
+
+    import matplotlib.pyplot as plt
+
     runs = [load_run(runs_root / n) for n in ("alpha", "beta", "gamma")]
     out = tmp_path / "plots"
     paths = plot_comparison(runs, out)
-    assert [p.name for p in paths] == ["win_rate.png", "frontier.png", "length.png"]
-    for p in paths:
-        assert p.parent == out
-        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert p.stat().st_size > 1000
+    assert paths == [out / "win_rate.png", out / "frontier.png", out / "length.png"]
     assert sorted(f.name for f in out.iterdir()) == ["frontier.png", "length.png", "win_rate.png"]
+    for path, (name, fig) in zip(paths, comparison_figures(runs), strict=True):
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=100, format="png")
+        plt.close(fig)
+        assert path.name == name and path.read_bytes() == buf.getvalue()
 
 
 def test_compare_writes_markdown_with_warnings_first(runs_root, tmp_path):
@@ -184,29 +263,3 @@ def test_main_error_for_a_single_run(runs_root, tmp_path, capsys):
     assert main([str(runs_root / "alpha"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "online-dpo compare: error: need at least two distinct run directories" in err
-
-
-def test_plot_data_skips_missing_points_and_falls_back_to_mean_length(runs_root, tmp_path,
-                                                                      monkeypatch):
-    from matplotlib.axes import Axes
-
-    plotted, hlines = [], []
-    real_plot, real_axhline = Axes.plot, Axes.axhline
-
-    def spy_plot(self, *args, **kwargs):
-        plotted.append((kwargs.get("label"), list(args[0]), list(args[1])))
-        return real_plot(self, *args, **kwargs)
-
-    def spy_axhline(self, y=0, *args, **kwargs):
-        hlines.append((y, kwargs.get("linestyle")))
-        return real_axhline(self, y, *args, **kwargs)
-
-    monkeypatch.setattr(Axes, "plot", spy_plot)
-    monkeypatch.setattr(Axes, "axhline", spy_axhline)
-    plot_comparison([load_run(runs_root / "gamma")], tmp_path / "p")
-    win, frontier, length = plotted
-    assert win == ("gamma", [1, 2], [0.52, 0.58])
-    assert frontier == ("gamma", [0.4, 0.9, 1.2], [1.0, 1.2, 1.4])
-    # Round 3 has no eval_mean_length, so its fresh-sample mean_length (0 + 3) is used.
-    assert length == ("gamma", [1, 2, 3], [60.0, 58.0, 3])
-    assert hlines == [(0.5, "--")]

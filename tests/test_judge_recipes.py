@@ -1,9 +1,12 @@
 """The shipped judge recipes' judge sections, each in a short real run on the tiny model."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
+from judges.loading import build_judge
 from online_dpo.config import load_recipe, recipe_from_dict, recipe_to_dict
 from online_dpo.run import Run
 from tests.conftest import REPO, tiny_recipe_dict
@@ -22,15 +25,31 @@ def test_gold_answer_recipe(tiny_model_dir, tmp_path):
     assert rows[0]["pairs_tied"] == 4 and rows[0]["judge_score"] == 0.0
     judgments = (tmp_path / "runs" / "tiny" / "round_1" / "judgments.jsonl").read_text()
     assert "all scores equal" in judgments
+    # Not a judge that always says 0: the recipe's judge credits the row's gold answer.
+    section = judge_section("gold_answer")
+    judge = build_judge(section["target"], section["kwargs"])
+    row = json.loads(Path(recipe.data.prompts).read_text().splitlines()[0])
+    assert judge.score(row, f"It is {row['answer']}.") == 1.0
+    assert judge.score(row, f"It is 1{row['answer']}.") == 0.0
 
 
 def test_majority_vote_recipe_records_agreement(tiny_model_dir, prompts_file, tmp_path):
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=1,
                             judge=judge_section("majority_vote"), **{"pairs.strategy": "random"})
     rows = Run(recipe_from_dict(data)).execute()
-    assert 0 < rows[0]["vote_agreement"] <= 1
-    assert rows[0]["position_flip_rate"] is not None
     assert rows[0]["pairs_kept"] + rows[0]["pairs_dropped"] == 4
+    assert rows[0]["position_flip_rate"] == 0.0  # rule judges have no position bias
+    # Every verdict is the vote of the recipe's three judges, e.g. "majority 2/3 (first=2, second=1)";
+    # vote_agreement is the mean share of the winning answer (the same in both orders).
+    judgments = (tmp_path / "runs" / "tiny" / "round_1" / "judgments.jsonl").read_text().splitlines()
+    shares = []
+    for line in judgments:
+        (comparison,) = json.loads(line)["comparisons"]  # pairs.strategy random: one pair
+        tally = dict(re.findall(r"(first|second|tie)=(\d+)", comparison["reason"]))
+        counts = [int(n) for n in tally.values()]
+        assert sum(counts) == 3, comparison["reason"]
+        shares.append(max(counts) / 3)
+    assert len(shares) == 4 and rows[0]["vote_agreement"] == pytest.approx(sum(shares) / 4)
 
 
 def test_majority_vote_arithmetic():

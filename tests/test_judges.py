@@ -235,3 +235,12 @@ def test_entry_point_plugins_resolve(tmp_path, monkeypatch):
     judge = build_judge("concise", {"max_words": 5})
     assert isinstance(judge.inner, ConciseAnswerJudge) and judge.inner.max_words == 5
     assert judge.score(ROW, "Volcanoes erupt every year.") == pytest.approx(1 - 4 / 5 + 1 + 1)
+
+
+def test_a_pointwise_judge_behind_both_orders_is_scored_not_compared():
+    """A score does not depend on order: with judge.both_orders a pointwise judge still ranks n
+    samples by n score calls, not by n(n-1) pairwise calls of two scores each."""
+    reliable = stack(Lengthy())
+    rec = judge_samples(BothOrders(reliable), ROW, ["aa", "a", "aaaa", "aaa"], "best_vs_worst", random.Random(0))
+    assert rec["scores"] == [2.0, 1.0, 4.0, 3.0] and (rec["chosen"], rec["rejected"]) == (2, 1)
+    assert rec["comparisons"] == [] and reliable.pop_stats()["judge_calls"] == 4

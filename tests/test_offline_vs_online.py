@@ -2,6 +2,7 @@
 
 import json
 
+from online_dpo.compare import budgets, load_run
 from online_dpo.config import load_recipe, recipe_to_dict
 from online_dpo.run import Run
 from tests.conftest import REPO, cli
@@ -32,3 +33,20 @@ def test_shortened_comparison(tiny_model_dir, tmp_path):
         assert (tmp_path / "cmp" / png).stat().st_size > 1000
     rows = [json.loads(x) for x in (tmp_path / "ovo_offline" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["win_rate_vs_pi0"] is not None and rows[0]["kl_to_pi0"] is not None
+    # Each arm does what its name says, at the same prompt, pair and sampling budget.
+    runs = {n: load_run(tmp_path / n) for n in names}
+    offline, iterative, fully = (runs[n]["rows"] for n in names)
+    # Offline: pi_0 sampled once for every round's prompts (charged to round 1), then never again;
+    # the reference stays pi_0.
+    assert [(r["prompts"], r["sampled_tokens"] > 0) for r in offline] == [(8, True), (0, False)]
+    assert [r["reference_source_round"] for r in offline] == [0, 0]
+    # Online arms sample fresh prompts every round.
+    for arm in (iterative, fully):
+        assert [(r["prompts"], r["sampled_tokens"] > 0) for r in arm] == [(4, True), (4, True)]
+    # Iterative: 2 optimizer steps a round, the reference swapped to the policy every round.
+    assert [(r["optimizer_steps"], r["reference_source_round"]) for r in iterative] == [(2, 1), (2, 2)]
+    # Fully online: one optimizer step per round (sample, judge, one step, sync).
+    assert [r["optimizer_steps"] for r in fully] == [1, 1]
+    totals = [budgets(run) for run in runs.values()]
+    for key in ("prompts", "train_pairs", "sampled_tokens"):
+        assert len({t[key] for t in totals}) == 1, (key, totals)

@@ -37,6 +37,13 @@ def test_reward_model_uses_its_own_chat_template(tiny_rm_dir):
     assert text == "[USER] Hi?\n[ASSISTANT] Hello.\n"  # not the policy's <|im_start|> format
     batch = judge.score_batch([({"prompt": "Hi?"}, "Hello."), ({"prompt": "Hi?"}, "Go away")])
     assert len(batch) == 2 and batch[0] == pytest.approx(judge.score({"prompt": "Hi?"}, "Hello."), abs=1e-5)
+    # The scores are the model's output on that text, in the reward model's format.
+    for completion, score in zip(("Hello.", "Go away"), batch):
+        text = f"[USER] Hi?\n[ASSISTANT] {completion}\n"
+        ids = judge.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            assert score == pytest.approx(judge.model(**ids).logits[0, 0].item(), abs=1e-5)
+    assert batch[0] != pytest.approx(batch[1], abs=1e-4)
 
 
 def test_reward_model_judge_in_a_run(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
@@ -68,7 +75,7 @@ def test_trained_reward_model_agrees_with_the_runs_judge(tiny_model_dir, tmp_pat
     rows = [json.loads(x) for x in (REPO / "recipes" / "data" / "prompts.jsonl").read_text().splitlines()]
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows[:60]))
     data = tiny_recipe_dict(tiny_model_dir, prompts, tmp_path / "runs", rounds=1,
-                            **{"data.prompts_per_round": 56, "generation.n": 4, "generation.max_tokens": 16})
+                            **{"data.prompts_per_round": 56, "generation.samples_per_prompt": 4, "generation.max_tokens": 16})
     Run(recipe_from_dict(data)).execute()
     pairs = tmp_path / "runs" / "tiny" / "round_1" / "pairs"
     out = tmp_path / "rm"
@@ -77,6 +84,17 @@ def test_trained_reward_model_agrees_with_the_runs_judge(tiny_model_dir, tmp_pat
     metrics = json.loads((out / "reward_model_metrics.json").read_text())
     assert metrics["held_out_pairs"] >= 15
     assert metrics["held_out_accuracy"] >= 0.75, metrics
-    # The saved folder is a judge: it must rank the held-out chosen answers the same way.
-    judge = RewardModelJudge(str(out))
-    assert judge.model.config.num_labels == 1
+    # The saved folder is a judge: it scores the held-out pairs as the trained model did.
+    held_out = [json.loads(x) for x in (out / "held_out_pairs.jsonl").read_text().splitlines()]
+    assert len(held_out) == metrics["held_out_pairs"]
+    judge = RewardModelJudge(str(out), dtype="float32")
+    chosen = judge.score_batch([(p["row"], p["chosen"]) for p in held_out])
+    rejected = judge.score_batch([(p["row"], p["rejected"]) for p in held_out])
+    assert chosen == pytest.approx([p["chosen_reward"] for p in held_out], abs=1e-3)
+    assert rejected == pytest.approx([p["rejected_reward"] for p in held_out], abs=1e-3)
+    assert [c > r for c, r in zip(chosen, rejected)] == [
+        p["chosen_reward"] > p["rejected_reward"] for p in held_out]
+    assert sum(c > r for c, r in zip(chosen, rejected)) / len(held_out) == metrics["held_out_accuracy"]
+    # ... and those are the run's own pairs: each held-out pair is one the rule judge picked.
+    picked = {(json.dumps(r["row"]["prompt"], sort_keys=True), r["chosen"], r["rejected"]) for r in load_pairs(str(pairs))}
+    assert all((json.dumps(p["row"]["prompt"], sort_keys=True), p["chosen"], p["rejected"]) in picked for p in held_out)

@@ -52,7 +52,10 @@ def test_rows_with_wide_nuclei_fall_back_to_the_full_sort():
     assert torch.isfinite(out[0]).sum() == 4750 and torch.isfinite(out[1]).sum() == 1
 
 
-def test_install_routes_top_p_alone_and_leaves_top_k_to_vllm():
+def test_install_routes_top_p_alone_and_leaves_top_k_to_vllm(monkeypatch):
+    searches = []
+    real_mask = top_p.top_p_mask
+    monkeypatch.setattr(top_p, "top_p_mask", lambda *args: searches.append(1) or real_mask(*args))
     original = sampler.apply_top_k_top_p
     try:
         assert top_p.install() and top_p.install()  # twice: still one layer over vLLM's function
@@ -61,9 +64,12 @@ def test_install_routes_top_p_alone_and_leaves_top_k_to_vllm():
         logits = torch.randn(4, 3000)
         k = torch.tensor([5, 5, 5, 5])
         assert torch.equal(patched(logits.clone(), k, None), original(logits.clone(), k, None))
+        assert patched(logits.clone(), k, torch.tensor([0.9] * 4)).isfinite().sum() <= 4 * 5
+        assert searches == []  # any top-k: vLLM's own function
         p = torch.tensor([0.9, 0.8, 1.0, 0.5])
         assert torch.equal(torch.isfinite(patched(logits.clone(), None, p)),
                            torch.isfinite(original(logits.clone(), None, p)))
+        assert searches == [1]  # top-p alone: the search
     finally:
         top_p.uninstall()
     assert sampler.apply_top_k_top_p is original

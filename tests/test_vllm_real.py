@@ -88,8 +88,14 @@ def test_real_cli_round_with_kill_and_resume(tmp_path):
     recipe.write_text(yaml.safe_dump(real_recipe(tmp_path / "runs", rounds=2)))
     killed = run_cli(recipe, kill_at="round_1/train")
     assert killed.returncode == -9, killed.stderr[-3000:]
+    round1 = tmp_path / "runs" / "real" / "round_1"
+    assert (round1 / "train.json").exists() and not (round1 / "sync.json").exists()
+    trained = (round1 / "train.json").stat().st_mtime_ns
     out = run_cli(recipe)
     assert out.returncode == 0, out.stderr[-3000:]
+    # Round 1's training is kept, not redone: the fresh engine is synced to that checkpoint.
+    assert "resuming: policy from round_1/checkpoint" in out.stdout
+    assert (round1 / "train.json").stat().st_mtime_ns == trained
     rows = [json.loads(x) for x in (tmp_path / "runs" / "real" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     sync = json.loads((tmp_path / "runs" / "real" / "round_1" / "sync.json").read_text())
@@ -98,7 +104,7 @@ def test_real_cli_round_with_kill_and_resume(tmp_path):
     assert all(r["tokens_per_second"] > 0 for r in rows)
 
 
-def test_top_p_without_sort_samples_what_vllms_sort_samples(live):
+def test_top_p_without_sort_samples_what_vllms_sort_samples(live, monkeypatch):
     """Same seeds, same nucleus, same Gumbel noise: the same tokens with either top-p mask."""
     from online_dpo.generation import top_p
 
@@ -106,13 +112,19 @@ def test_top_p_without_sort_samples_what_vllms_sort_samples(live):
     rows = [json.loads(x) for x in (REPO / "recipes" / "data" / "prompts.jsonl").read_text().splitlines()]
     prompts = [models.prompt_ids(r["prompt"]) for r in rows[:4]]
     settings = SamplingSettings(n=2, temperature=0.8, top_p=0.9, max_tokens=24, seed=5)
+    searches = []
+    real_mask = top_p.top_p_mask
+    monkeypatch.setattr(top_p, "top_p_mask", lambda *args: searches.append(1) or real_mask(*args))
     assert top_p.install()  # as build_generator does on CPU
     ours = generator.generate(prompts, settings)
+    ours_searches = len(searches)
     try:
         top_p.uninstall()
         theirs = generator.generate(prompts, settings)
     finally:
         top_p.install()
+    # Our search masked the steps of `ours` (not a no-op install); vLLM's own sort drew `theirs`.
+    assert ours_searches > 0 and len(searches) == ours_searches
     assert [[c.token_ids for c in p] for p in ours] == [[c.token_ids for c in p] for p in theirs]
 
 
