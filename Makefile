@@ -1,7 +1,8 @@
 # `make run` runs the quickstart recipe; `make test` runs lint and the test suite.
 # Both create or reuse .venv; the install runs again only when the requirements change.
 VENV := .venv
-REQS := requirements/common.txt requirements/cpu.txt requirements/cuda.txt pyproject.toml scripts/install.sh
+REQS := requirements/common.txt requirements/cpu.txt requirements/cuda.txt requirements/trackers.txt \
+	pyproject.toml scripts/install.sh
 STAMP := $(VENV)/.installed-$(shell cat $(REQS) | sha1sum | cut -c1-12)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1

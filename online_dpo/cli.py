@@ -1,6 +1,7 @@
 """online-dpo: run (start or resume) a recipe, train a reward model, evaluate, compare runs.
 
-    online-dpo run RECIPE.yaml key=value ...
+    online-dpo run RECIPE.yaml key=value ... [--seeds 0,1,2]
+    online-dpo sweep SWEEP.yaml [--dry-run]
     online-dpo train-rm PAIRS --out DIR
     online-dpo eval runs/NAME [--against pi0 --against runs/OTHER]
     online-dpo compare runs/A runs/B [--out DIR]
@@ -42,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("recipe", help="recipe YAML file")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.learning_rate=1e-5")
     run.add_argument("--threads", type=int, help="CPU threads for torch and vLLM (default: OMP_NUM_THREADS)")
+    run.add_argument("--seeds", help="comma-separated seeds: one run per seed, <output_dir>/<name>/seed<k> "
+                                     "(a sweep with an empty grid)")
+    sweep = sub.add_parser("sweep", help="a grid of key=value overrides x seeds, each cell a resumable run")
+    sweep.add_argument("sweep", help="sweep YAML file (base, overrides, grid, seeds, name)")
+    sweep.add_argument("--dry-run", action="store_true", help="validate every cell and list them; run nothing")
+    sweep.add_argument("--threads", type=int, help="CPU threads for each cell's torch and vLLM")
     rm = sub.add_parser("train-rm", help="train a Bradley-Terry reward model from a pairs dataset")
     rm.add_argument("pairs", help="prompt/chosen/rejected dataset: a run's round_<k>/pairs, jsonl, ...")
     rm.add_argument("--base", default="smollm2", help="base model folder (default: embedded SmolLM2)")
@@ -59,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="compare runs: markdown tables and PNG plots")
     cmp.add_argument("runs", nargs="+", help="run directories")
     cmp.add_argument("--out", default="runs/compare", help="folder for compare.md and the plots")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run" and not any(e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value after an option: `run R.yaml --seeds 0,1 a=b`
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     from judges.loading import JudgeLoadError
     from online_dpo.config import RecipeError, load_recipe
@@ -74,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             from online_dpo import compare
 
             return compare.main([*args.runs, "--out", args.out])
+        if args.command == "sweep" or args.seeds is not None:
+            return _sweep(args)
         recipe = load_recipe(args.recipe, args.overrides)
         from online_dpo.run import run_recipe
 
@@ -82,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"online-dpo: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _sweep(args) -> int:
+    from online_dpo import sweep
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("online-dpo: error: a sweep launches its runs itself; run it without accelerate launch")
+    if args.command == "sweep":
+        return sweep.run_sweep(sweep.plan_sweep(args.sweep), dry_run=args.dry_run)
+    return sweep.run_sweep(sweep.plan_seeds(args.recipe, args.overrides, sweep.parse_seeds(args.seeds)))
 
 
 def _train_rm(args) -> int:

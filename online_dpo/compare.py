@@ -1,4 +1,10 @@
-"""`online-dpo compare runs/A runs/B --out DIR`: side-by-side tables and plots for finished runs."""
+"""`online-dpo compare runs/A runs/B --out DIR`: side-by-side tables and plots for finished runs.
+
+Every win rate and mean score carries its 95% interval where the run recorded one; which
+differences are significant, the smallest detectable difference, gaming alarms and arms (runs
+differing only in seed) come from online_dpo/compare_stats.py. Writes compare.md, summary.md,
+summary.json and the plots into --out.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,18 @@ from pathlib import Path
 
 import yaml
 
-from online_dpo.artifacts import write_text_atomic
+from online_dpo.artifacts import write_json, write_text_atomic
+from online_dpo.compare_stats import (
+    alarms_section,
+    arm_differences,
+    arm_groups,
+    arms_figure,
+    arms_markdown,
+    arms_summary,
+    pairwise,
+    significance_section,
+)
+from online_dpo.reporting import integer_rounds
 
 BUDGET_KEYS = ("prompts", "train_pairs", "optimizer_steps", "sampled_tokens")
 FINAL_COLUMNS = [
@@ -84,11 +101,11 @@ def budget_warnings(runs: list[dict]) -> list[str]:
     return lines
 
 
-def _fmt(value) -> str:
+def _fmt(value, ci=None) -> str:
     if value is None:
         return "-"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f"{value:.3f}"
+        return f"{value:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
     return str(value)
 
 
@@ -113,14 +130,14 @@ def markdown_tables(runs: list[dict]) -> str:
     for run in runs:
         last, totals = run["rows"][-1], budgets(run)
         body.append([run["name"], str(totals["rounds"]),
-                     *(_fmt(last.get(key)) for key, _ in FINAL_COLUMNS),
+                     *(_fmt(last.get(key), last.get(f"{key}_ci")) for key, _ in FINAL_COLUMNS),
                      *(_fmt_int(totals[key]) for key in BUDGET_KEYS)])
     final = _table(header, body)
 
     by_round = [{row["round"]: row for row in run["rows"]} for run in runs]
     rounds = sorted(set().union(*by_round))
     header = ["round", *(f"{run['name']} {title}" for run in runs for _, title in ROUND_COLUMNS)]
-    body = [[str(k), *(_fmt(rows.get(k, {}).get(key)) for rows in by_round
+    body = [[str(k), *(_fmt(rows.get(k, {}).get(key), rows.get(k, {}).get(f"{key}_ci")) for rows in by_round
                        for key, _ in ROUND_COLUMNS)]
             for k in rounds]
     per_round = _table(header, body)
@@ -151,7 +168,6 @@ def comparison_figures(runs: list[dict]):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     specs = [
         ("win_rate.png", "round", ("win_rate_vs_pi0",), "round", "win rate vs π0 (ties = ½)"),
@@ -170,6 +186,7 @@ def comparison_figures(runs: list[dict]):
                 xs, ys, _ = zip(*points)
                 # Fixed colour per run, so a run lacking one metric doesn't shift the others.
                 ax.plot(xs, ys, "o-", label=run["name"], color=f"C{i % 10}")
+                _draw_intervals(ax, run["rows"], x_key, y_keys[0], filename, f"C{i % 10}")
                 if filename == "frontier.png":
                     for x, y, k in points:
                         ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, 4),
@@ -177,7 +194,7 @@ def comparison_figures(runs: list[dict]):
             if filename == "win_rate.png":
                 ax.axhline(0.5, color="gray", linestyle="--", linewidth=1)
             if x_key == "round":
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                integer_rounds(ax, [row["round"] for run in runs for row in run["rows"]])
             ax.set_xlabel(x_label)
             ax.set_ylabel(y_label)
             if ax.get_legend_handles_labels()[0]:
@@ -187,6 +204,19 @@ def comparison_figures(runs: list[dict]):
             plt.close(fig)
             raise
         yield filename, fig
+
+
+def _draw_intervals(ax, rows: list[dict], x_key: str, key: str, filename: str, color: str) -> None:
+    """95% intervals: a shaded band over rounds, vertical bars on the frontier (neither is a line)."""
+    kept = [(row[x_key], *row[f"{key}_ci"]) for row in rows
+            if row.get(x_key) is not None and row.get(key) is not None and row.get(f"{key}_ci")]
+    if not kept:
+        return
+    xs, lo, hi = zip(*kept)
+    if filename == "frontier.png":
+        ax.vlines(xs, lo, hi, color=color, alpha=0.5)
+    else:
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.15, linewidth=0)
 
 
 def plot_comparison(runs: list[dict], out_dir) -> list[Path]:
@@ -208,8 +238,10 @@ def plot_comparison(runs: list[dict], out_dir) -> list[Path]:
     return paths
 
 
-def compare(paths, out_dir) -> str:
-    """Load at least two runs, write plots and compare.md into `out_dir`, return the markdown."""
+def compare(paths, out_dir, detect: float = 0.1) -> str:
+    """Load at least two runs, write plots, compare.md, summary.md and summary.json into `out_dir`,
+    return the markdown. `detect`: warn when the held-out set cannot detect a win-rate difference
+    this large."""
     # Keyed by the resolved path so `runs/A` and `./runs/A/` count once; messages keep the given one.
     unique: dict[Path, Path] = {}
     for p in paths:
@@ -224,24 +256,59 @@ def compare(paths, out_dir) -> str:
             run["name"] = str(run["path"])
     out_dir = Path(out_dir)
     plots = plot_comparison(runs, out_dir)
+    pairs = pairwise(runs)
+    significance, mde_warnings = significance_section(pairs, detect)
+    arms = arm_groups(runs)
+    summary, arm_diffs = arms_summary(arms), arm_differences(arms)
+    arms_text = arms_markdown(summary, arm_diffs)
+    plots.append(_write_figure(arms_figure(summary), out_dir / "arms.png"))
     parts = ["# Run comparison\n"]
-    warnings = budget_warnings(runs)
+    warnings = budget_warnings(runs) + mde_warnings
+    alarms = [run["name"] for run in runs if any(row.get("gaming_alarm") for row in run["rows"])]
+    if alarms:
+        warnings.append(f"WARNING: gaming alarm in {', '.join(alarms)} (see Gaming alarms)")
     if warnings:
         parts.append("\n".join(f"- {w}" for w in warnings) + "\n")
-    parts.append(markdown_tables(runs))
+    parts += [markdown_tables(runs), significance, alarms_section(runs), arms_text]
     parts.append("## Plots\n\n" + "\n".join(f"- ![{p.stem}]({p.name})" for p in plots) + "\n")
     markdown = "\n".join(parts)
+    write_text_atomic(out_dir / "summary.md", arms_text)
+    write_json(out_dir / "summary.json", {
+        "runs": [{"name": run["name"], "path": str(run["path"]), "final": _final(run),
+                  "gaming_alarms": [row["gaming_alarm"] for row in run["rows"] if row.get("gaming_alarm")]}
+                 for run in runs],
+        "differences": pairs, "arms": summary, "arm_differences": arm_diffs, "warnings": warnings})
     write_text_atomic(out_dir / "compare.md", markdown)
     return markdown
+
+
+def _final(run: dict) -> dict:
+    last = run["rows"][-1]
+    keys = [key for key, _ in FINAL_COLUMNS]
+    return {"round": last["round"], **{k: last.get(k) for k in keys},
+            **{f"{k}_ci": last.get(f"{k}_ci") for k in keys if last.get(f"{k}_ci")}}
+
+
+def _write_figure(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save(fig, path)
+    finally:
+        plt.close(fig)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="online-dpo compare", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run directories, e.g. runs/A runs/B")
     parser.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    parser.add_argument("--detect", type=float, default=0.1,
+                        help="warn when the held-out set cannot detect a win-rate difference this large")
     args = parser.parse_args(argv)
     try:
-        markdown = compare(args.runs, args.out)
+        markdown = compare(args.runs, args.out, args.detect)
     except ValueError as e:
         print(f"online-dpo compare: error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,8 @@
 
 `check_recipe` runs at load time (config.recipe_from_dict): combinations of sections that the
 pipeline cannot honour, and every judge the recipe names, imported (not built) so a typo in a
-judge target fails before any model loads. `check_launch` adds the checks that depend on how the
+judge target fails before any model loads, and every tracker in `report_to`, its package found
+(online_dpo/tracking.py). `check_launch` adds the checks that depend on how the
 run was launched (`accelerate launch` with DDP, FSDP or DeepSpeed). Every refusal names the keys.
 """
 
@@ -17,6 +18,7 @@ from accelerate.utils import DistributedType
 from judges.loading import JudgeLoadError, validate_judge_target
 from online_dpo.distributed import REPLICATED
 from online_dpo.errors import RecipeError
+from online_dpo.tracking import check_trackers
 
 # Recipes arrive here as online_dpo.config.Recipe (and JudgeConfig) objects. They go unannotated:
 # config.py runs these checks at load time, so this module must not import it back.
@@ -29,6 +31,7 @@ def check_recipe(recipe) -> None:
     """Refuse combinations the pipeline cannot honour, and resolve every judge the recipe names."""
     _check_sections(recipe)
     _check_kto(recipe)
+    check_trackers(recipe.report_to)  # each named once, its package installed
     judge = resolve_judge(recipe.judge, "judge")
     if recipe.eval.judge is not None:
         resolve_judge(recipe.eval.judge, "eval.judge")

@@ -29,8 +29,6 @@ from online_dpo.errors import RecipeError
 __all__ = ["RecipeError"]  # re-exported: callers catch config.RecipeError
 
 
-
-
 def _refuse_bool(value: Any) -> Any:
     if isinstance(value, bool):  # lax float would read true as 1.0
         raise PydanticCustomError("float_type", "expected a number")
@@ -244,6 +242,8 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     keep_checkpoints: Int | None = Field(None, ge=1)
     """Keep only the last N round checkpoints (plus the reference's); unset keeps all."""
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "mlflow"]] = Field(default_factory=list)
+    """Experiment trackers fed each round's metrics and pairs, in <run dir>/trackers/ (tracking.py)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -20,6 +20,8 @@ from online_dpo.data import load_prompt_rows, split_prompts
 from online_dpo.engine import Models, build_generator, probe_tolerance, sync_and_verify
 from online_dpo.evaluation import kl_estimate, sample_records, sample_summary, win_rate
 from online_dpo.generation.base import SamplingSettings
+from online_dpo.intervals import eval_score_groups, outcome_values
+from online_dpo.stats import min_detectable_difference, paired_bootstrap_diff
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -71,22 +73,47 @@ def evaluate(run_dir: Path, checkpoint: Path | None, against: list[str], judge: 
                                         models.padding_free),
               "policy": sample_summary(records["policy"], scorer), "against": {}}
     for name in baselines:
-        result["against"][name] = {**win_rate(eval_judge, records["policy"], records[name]),
-                                   **sample_summary(records[name], scorer)}
+        wins = win_rate(eval_judge, records["policy"], records[name])
+        result["against"][name] = {**wins, **sample_summary(records[name], scorer),
+                                   **paired_score_difference(records["policy"], records[name], wins)}
     return result
 
 
+def paired_score_difference(policy: list[dict], baseline: list[dict], wins: dict) -> dict:
+    """The policy's mean eval score minus the baseline's on the same prompts, a paired bootstrap
+    interval, and the smallest differences this many prompts can detect (alpha 0.05, power 0.8)."""
+    a, b = eval_score_groups(policy), eval_score_groups(baseline)
+    diff = paired_bootstrap_diff(a, b) if a is not None and b is not None else None
+    per_prompt_wins = [outcome_values(counts) for counts in wins["per_prompt"]]
+    return {"score_diff": diff.value if diff else None, "score_diff_ci": diff.ci if diff else None,
+            "score_diff_mde": min_detectable_difference(a, b) if diff else None,
+            # how far from 0.5 a win rate must be to be told from a tie at this n
+            "win_rate_mde": min_detectable_difference([[v - 0.5 for v in g] for g in per_prompt_wins])}
+
+
 def to_markdown(result: dict) -> str:
-    fmt = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = [f"policy {result['checkpoint']}: judge score {fmt(result['policy']['judge_score'])}, "
-             f"KL to π0 {fmt(result['kl_to_pi0'])}, length {fmt(result['policy']['mean_length'])}, "
-             f"EOS {fmt(result['policy']['eos_rate'])}", "",
-             "| against | win rate | wins | losses | ties | failed | flip rate | their score | their length |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """Every win rate and mean score with its 95% interval: `0.412 [0.33, 0.49]`."""
+    def fmt(v, ci=None):
+        if v is None:
+            return "-"
+        text = f"{v:.3f}" if isinstance(v, float) else str(v)
+        return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+    policy = result["policy"]
+    lines = [f"policy {result['checkpoint']}: judge score {fmt(policy['judge_score'], policy.get('judge_score_ci'))}, "
+             f"KL to π0 {fmt(result['kl_to_pi0'])}, length {fmt(policy['mean_length'])}, "
+             f"EOS {fmt(policy['eos_rate'])} ({result['prompts']} prompts)", "",
+             "| against | win rate | wins | losses | ties | failed | flip rate | their score | score diff "
+             "| MDE score | MDE win | their length |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in result["against"].items():
-        lines.append(f"| {name} | {fmt(r['win_rate'])} | {r['wins']} | {r['losses']} | {r['ties']} | "
-                     f"{r['failed']} | {fmt(r['position_flip_rate'])} | {fmt(r['judge_score'])} | "
-                     f"{fmt(r['mean_length'])} |")
+        lines.append(f"| {name} | {fmt(r['win_rate'], r.get('win_rate_ci'))} | {r['wins']} | {r['losses']} | "
+                     f"{r['ties']} | {r['failed']} | {fmt(r['position_flip_rate'])} | "
+                     f"{fmt(r['judge_score'], r.get('judge_score_ci'))} | {fmt(r.get('score_diff'), r.get('score_diff_ci'))} | "
+                     f"{fmt(r.get('score_diff_mde'))} | {fmt(r.get('win_rate_mde'))} | {fmt(r['mean_length'])} |")
+    lines += ["", "Intervals are 95%: Wilson for win rates (ties count half), a bootstrap over prompts for "
+              "scores, paired on the shared prompts for score diff. MDE: the smallest difference this many "
+              "prompts detects (alpha 0.05, power 0.8); for win rate, the distance from 0.5."]
     return "\n".join(lines)
 
 

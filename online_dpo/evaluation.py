@@ -14,6 +14,7 @@ from judges.bias import BothOrders
 from judges.protocol import Preference
 from online_dpo.generation.base import SamplingSettings
 from online_dpo.logprobs import score_sequences
+from online_dpo.stats import bootstrap_mean, wilson
 
 
 def sample_records(models, generator, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
@@ -45,13 +46,20 @@ def kl_estimate(records: list[dict], model, pad_id: int, device, padding_free: b
 
 
 def sample_summary(records: list[dict], scorer) -> dict:
+    """Mean judge score (with a bootstrap interval over prompts), length and EOS rate. Each
+    sample's score is kept in the records as `eval_score` (None: the judge failed on it)."""
     samples = [s for r in records for s in r["samples"]]
-    scores = []
+    scores, per_prompt = [], []
     if scorer is not None:
         for r in records:
-            scores += [v for v, _ in scorer.score_many(r["row"], [s["text"] for s in r["samples"]])
-                       if v is not None]
+            values = [v for v, _ in scorer.score_many(r["row"], [s["text"] for s in r["samples"]])]
+            for sample, v in zip(r["samples"], values, strict=True):
+                sample["eval_score"] = v
+            per_prompt.append(values)
+            scores += [v for v in values if v is not None]
+    interval = bootstrap_mean(per_prompt)
     return {"judge_score": sum(scores) / len(scores) if scores else None,
+            "judge_score_ci": interval.ci if interval else None,
             "mean_length": sum(s["num_tokens"] for s in samples) / len(samples),
             "eos_rate": sum(s["finished"] for s in samples) / len(samples)}
 
@@ -59,20 +67,18 @@ def sample_summary(records: list[dict], scorer) -> dict:
 def win_rate(judge, policy: list[dict], baseline: list[dict]) -> dict:
     """Policy sample i of each prompt against baseline sample i of the same prompt."""
     judge = judge if isinstance(judge, BothOrders) else BothOrders(judge)
-    wins = losses = ties = failed = 0
+    outcomes = {Preference.FIRST: "wins", Preference.SECOND: "losses", Preference.TIE: "ties"}
+    per_prompt = []  # each prompt's counts, for intervals and paired comparisons later
     for p, b in zip(policy, baseline, strict=True):
+        counts = dict.fromkeys(("wins", "losses", "ties", "failed"), 0)
         for ps, bs in zip(p["samples"], b["samples"], strict=False):
-            preference = judge.judge(p["row"], ps["text"], bs["text"]).preference
-            if preference == Preference.FIRST:
-                wins += 1
-            elif preference == Preference.SECOND:
-                losses += 1
-            elif preference == Preference.TIE:
-                ties += 1
-            else:
-                failed += 1
+            counts[outcomes.get(judge.judge(p["row"], ps["text"], bs["text"]).preference, "failed")] += 1
+        per_prompt.append(counts)
+    wins, losses, ties, failed = (sum(c[key] for c in per_prompt) for key in ("wins", "losses", "ties", "failed"))
     judged = wins + losses + ties
+    interval = wilson(wins + ties / 2, judged)  # ties count half: see online_dpo.stats.wilson
     return {"win_rate": (wins + ties / 2) / judged if judged else None,
+            "win_rate_ci": interval.ci if interval else None,
             "tie_rate": ties / judged if judged else None,
-            "wins": wins, "losses": losses, "ties": ties, "failed": failed,
+            "wins": wins, "losses": losses, "ties": ties, "failed": failed, "per_prompt": per_prompt,
             "position_flip_rate": judge.pop_stats()["position_flip_rate"]}

@@ -125,7 +125,9 @@ class PreferenceObjective:
             logps[:n], logps[n:], ref[:n], ref[n:], beta=beta, loss_type=self.cfg.loss_type,
             label_smoothing=self.cfg.label_smoothing)
         nll = nll_term(summed[:n], lengths[:n])
-        loss = losses.mean() + self.cfg.nll_weight * nll
+        loss = losses.mean()
+        if self.cfg.nll_weight:  # RPO; without it the NLL is only reported (0 * an inf NLL is NaN)
+            loss = loss + self.cfg.nll_weight * nll
         _check_finite(loss, "DPO")
         return loss, {"loss": loss.item(), "accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
                       "chosen_reward": chosen_rewards.mean().item(),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from online_dpo.artifacts import read_json, read_jsonl, write_text_atomic
+from online_dpo.intervals import alarm_message, round_intervals
 
 PHASES = ("sample", "judge", "pairs", "train", "sync", "eval", "reference")
 
@@ -26,6 +27,11 @@ TABLE_COLUMNS = [
     ("sync_seconds", "sync s", "{:.2f}"),
     ("round_seconds", "round s", "{:.0f}"),
 ]
+
+
+# A metric's 95% interval, [lo, hi], is stored under its own key (see online_dpo/stats.py).
+CI_KEYS = {"judge_score": "judge_score_ci", "eval_judge_score": "eval_judge_score_ci",
+           "win_rate_vs_pi0": "win_rate_vs_pi0_ci"}
 
 
 def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
@@ -62,6 +68,8 @@ def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
     for key in ("sync_seconds", "probe_max_abs_diff"):
         metrics[key] = summaries["sync"].get(key)
     metrics.update({k2: v for k2, v in summaries["eval"].items() if k2 not in ("seconds", "skipped")})
+    # judge_score_ci, eval_score_vs_pi0(_ci), gaming_alarm: from the per-prompt values on disk.
+    metrics.update(round_intervals(run_dir if run_dir is not None else round_dir.parent, k, metrics))
     metrics["phase_seconds"] = {p: s["seconds"] for p, s in summaries.items()}
     metrics["round_seconds"] = sum(metrics["phase_seconds"].values())
     return metrics
@@ -81,36 +89,66 @@ def finish_run(run_dir: Path, rounds: int) -> list[dict]:
     return rows
 
 
-def _fmt(value, fmt: str) -> str:
+def _fmt(value, fmt: str, ci=None) -> str:
+    """A value, and its 95% interval compactly where it has one: `0.412 [0.33, 0.49]`."""
     if value is None:
         return "-"
-    return fmt.format(value)
+    return fmt.format(value) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def markdown_table(rows: list[dict]) -> str:
     header = "| " + " | ".join(title for _, title, _ in TABLE_COLUMNS) + " |"
     rule = "|" + "|".join("---:" for _ in TABLE_COLUMNS) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(key), fmt) for key, _, fmt in TABLE_COLUMNS) + " |"
-            for r in rows]
-    return "\n".join([header, rule, *body])
+    body = ["| " + " | ".join(_fmt(r.get(key), fmt, r.get(CI_KEYS.get(key))) for key, _, fmt in TABLE_COLUMNS)
+            + " |" for r in rows]
+    alarms = [alarm_message(r["gaming_alarm"]) for r in rows if r.get("gaming_alarm")]
+    return "\n".join([header, rule, *body, *([""] + alarms if alarms else [])])
+
+
+def round_line(k: int, metrics: dict) -> str:
+    """The line run.py prints after each round; held-out numbers with their 95% intervals."""
+    parts = [f"{key}={metrics[key]:.4g}" for key in ("judge_score", "loss", "accuracy", "kl_to_reference")
+             if isinstance(metrics.get(key), float)]
+    for key, name in (("eval_judge_score", "eval_score"), ("win_rate_vs_pi0", "win_rate_vs_pi0")):
+        if isinstance(metrics.get(key), (int, float)):
+            ci = metrics.get(CI_KEYS[key])
+            parts.append(f"{name}={metrics[key]:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+    return f"[online-dpo] round {k}: " + ", ".join(parts)
+
+
+def integer_rounds(ax, rounds) -> None:
+    """Whole rounds only on a round axis, even for a single round (where MaxNLocator alone gives
+    fractional ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
+    rounds = sorted({int(k) for k in rounds})
+    if 0 < len(rounds) <= 12:
+        ax.set_xticks(rounds)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def run_figure(rows: list[dict]):
     """The run's plot as a matplotlib Figure (the caller closes it): mean judge score of fresh
-    samples and of held-out prompts per round (left), KL to the reference per round (right)."""
+    samples and of held-out prompts per round with 95% bands (left), KL to the reference (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     def series(key):  # rounds without the metric (offline, or not evaluated: eval.every) are left out
         kept = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
         return ([k for k, _ in kept], [v for _, v in kept])
 
+    def band(ax, key, line):  # the 95% intervals, shaded in the line's colour
+        kept = [(r["round"], *r[CI_KEYS[key]]) for r in rows if r.get(key) is not None and r.get(CI_KEYS[key])]
+        if kept:
+            xs, lo, hi = zip(*kept)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(*series("judge_score"), "o-", label="fresh samples")
-    ax1.plot(*series("eval_judge_score"), "s--", label="held-out (after update)")
+    band(ax1, "judge_score", ax1.plot(*series("judge_score"), "o-", label="fresh samples")[0])
+    band(ax1, "eval_judge_score", ax1.plot(*series("eval_judge_score"), "s--", label="held-out (after update)")[0])
     ax1.set_xlabel("round")
     ax1.set_ylabel("mean judge score")
     ax1.legend()
@@ -118,7 +156,7 @@ def run_figure(rows: list[dict]):
     ax2.set_xlabel("round")
     ax2.set_ylabel("KL to reference (nats)")
     for ax in (ax1, ax2):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        integer_rounds(ax, [r["round"] for r in rows])
     fig.tight_layout()
     return fig
 

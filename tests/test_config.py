@@ -16,8 +16,10 @@ from online_dpo.config import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# recipes/accelerate/ holds `accelerate launch` configs, not recipes (tested in test_distributed).
-RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if "accelerate" not in p.parts)
+# recipes/accelerate/ holds `accelerate launch` configs, not recipes (tested in test_distributed);
+# recipes/sweeps/ holds sweep files (tested in test_sweep).
+RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml")
+                 if "accelerate" not in p.parts and "sweeps" not in p.parts)
 
 
 def minimal(**extra):

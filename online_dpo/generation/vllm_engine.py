@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import re
 import warnings
@@ -23,6 +24,28 @@ MAX_BATCHED_TOKENS = 16384
 MAX_SEQS = 256 if torch.cuda.is_available() else 64
 REDUCE_OP_WARNING = ("`torch.distributed.reduce_op` is deprecated, please use "
                      "`torch.distributed.ReduceOp` instead")
+
+
+# vLLM's reload_weights logs this at every in-place sync (model_loader/reload/layerwise.py).
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+ROTARY_RELOAD_WARNING = "RotaryEmbedding: Failed to load weights"
+
+
+class RotaryReloadFilter(logging.Filter):
+    """Drops exactly vLLM's `RotaryEmbedding: Failed to load weights` record, nothing else.
+    Harmless: the rotary cos/sin cache is computed from the config, not a checkpoint tensor, so a
+    trainer's state dict never carries it, and reload_weights puts the engine's own tensor back as
+    it was. The probe scored after every sync (engine.verify_engine) proves the weights whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != ROTARY_RELOAD_WARNING
+
+
+def quiet_rotary_reload_warning() -> None:
+    """Install the filter once on vLLM's reload logger (in whichever process runs the reload)."""
+    logger = logging.getLogger(RELOAD_LOGGER)
+    if not any(isinstance(f, RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(RotaryReloadFilter())
 
 
 def fit_batches(prompt_ids: list[list[int]], n: int, max_tokens: int = MAX_BATCHED_TOKENS,
@@ -121,7 +144,9 @@ class VLLMGenerator:
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         # In-process, collective_rpc hands the tensors to the worker by reference: no copy,
-        # no file, no new engine.
+        # no file, no new engine. The worker reloads them; its harmless rotary warning is dropped
+        # here (in-process) and by the worker extension (in a worker process).
+        quiet_rotary_reload_warning()
         self.llm.collective_rpc("sync_weights", args=(list(named_tensors),))
         # Cached KV blocks were computed with the old weights.
         self.llm.reset_prefix_cache()

