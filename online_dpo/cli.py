@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp = sub.add_parser("compare", help="compare runs: markdown tables and PNG plots")
     cmp.add_argument("runs", nargs="+", help="run directories")
     cmp.add_argument("--out", default="runs/compare", help="folder for compare.md and the plots")
+    cmp.add_argument("--detect", type=float, default=0.1,
+                     help="warn when the held-out set cannot detect a win-rate difference this large")
     args, extra = parser.parse_known_args(argv)
     if args.command == "run" and not any(e.startswith("-") for e in extra):
         args.overrides += extra  # key=value after an option: `run R.yaml --seeds 0,1 a=b`
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             from online_dpo import compare
 
-            return compare.main([*args.runs, "--out", args.out])
+            return compare.main([*args.runs, "--out", args.out, "--detect", str(args.detect)])
         if args.command == "sweep" or args.seeds is not None:
             return _sweep(args)
         recipe = load_recipe(args.recipe, args.overrides)

@@ -98,6 +98,13 @@ def resolve_judge(cfg, key: str) -> Any:
 def check_launch(recipe, accelerator) -> None:
     """Refuse recipe settings the launch's distributed setup cannot run (before any model loads)."""
     kind = accelerator.distributed_type
+    g = recipe.generation
+    if accelerator.num_processes > 1 and g.backend == "vllm" and g.engines == "process0":
+        # vLLM adopts the run's process group and waits, while building its engine, for every
+        # process to build one: process 0 alone would wait forever.
+        raise RuntimeError("generation.engines: process0 with generation.backend: vllm hangs under "
+                           f"{accelerator.num_processes} processes (vLLM's engine start waits for every "
+                           "process); set generation.engines: every_process")
     if kind in REPLICATED:
         asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
         if asked_fsdp and accelerator.is_main_process:

@@ -57,8 +57,7 @@ class Section(BaseModel):
         if isinstance(data, dict):
             for key in data:
                 if key in cls.RENAMED:
-                    raise PydanticCustomError("renamed", "{old} was renamed {new}",
-                                              {"old": key, "new": cls.RENAMED[key]})
+                    raise PydanticCustomError("renamed", "{old} was renamed {new}", {"old": key, "new": cls.RENAMED[key]})
             unknown = sorted(str(k) for k in data if k not in cls.model_fields)
             if unknown:
                 raise PydanticCustomError("unknown_key", "unknown key {key}",
@@ -78,6 +77,8 @@ class GenerationConfig(Section):
 
     backend: Literal["vllm", "transformers"] = "vllm"
     """Sampling engine. Chosen explicitly; there is no silent fallback."""
+    engines: Literal["process0", "every_process"] = "process0"
+    """process0: one engine, on process 0; every_process: one per process (online_dpo/samplers.py)."""
     samples_per_prompt: Int = Field(4, ge=2)
     """Completions sampled per prompt (at least 2 to form a pair)."""
     temperature: Float = Field(1.0, gt=0)

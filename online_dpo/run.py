@@ -21,7 +21,9 @@ under a changed recipe is refused (more `rounds` and other `report_to` trackers 
 
 Processes. Under `accelerate launch`, process 0 samples, judges and writes every artifact. Every
 process joins the steps that change or read its models (`every_process` below); at the others it
-waits for process 0. Decisions that read the run directory are process 0's, broadcast.
+waits for process 0, or, with an engine on every process (generation.engines: every_process),
+samples its share of process 0's prompts (online_dpo/samplers.py). Decisions that read the run
+directory are process 0's, broadcast.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from online_dpo.checkpoints import build_checkpoints
 from online_dpo.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
 from online_dpo.data import load_prompt_rows, split_prompts
 from online_dpo.distributed import Processes
-from online_dpo.engine import Models, build_generator
+from online_dpo.engine import Models
 from online_dpo.faults import maybe_kill
 from online_dpo.intervals import alarm_message
 from online_dpo.objectives import build_objective
@@ -47,6 +49,7 @@ from online_dpo.pair_sources import build_pair_source
 from online_dpo.ref_cache import ReferenceLogpCache, model_fingerprint
 from online_dpo.references import build_reference
 from online_dpo.reporting import finish_run, round_line, round_metrics
+from online_dpo.samplers import build_sampler
 from online_dpo.steps import JudgeFailureError, ReferenceMismatchError, RoundSteps, build_beta
 from online_dpo.tracking import build_tracking
 from online_dpo.trainer import DPOTrainer
@@ -91,6 +94,10 @@ class Run:
             check_resolved_recipe(recipe, self.dir)
         procs.barrier()
         if procs.agree(self.finished()):
+            if self.main:  # a run killed after its last metrics.json, before a tracker logged it
+                tracking = build_tracking(recipe, self.run_dir, writer=True)
+                tracking.log_round(recipe.rounds)
+                tracking.close()
             return finish_run(self.dir, recipe.rounds) if self.main else []
 
         torch.manual_seed(recipe.seed)
@@ -98,8 +105,8 @@ class Run:
         source = self.steps.source
         try:
             # pi_0 work first, while the fresh engine still holds pi_0's weights.
-            if self.main and recipe.eval.win_rate_vs_pi0 and not self.run_dir.done(0, "pi0_eval"):
-                self.steps.sample_pi0_eval()
+            if recipe.eval.win_rate_vs_pi0 and not procs.agree(self.run_dir.done(0, "pi0_eval")):
+                self.steps.sampler.run_on_main(self.steps.sample_pi0_eval)
             self.resume()
             for name in source.setup_steps:  # offline from pi_0: collect every round's pairs once
                 self.run_step(0, STEPS[name])
@@ -108,8 +115,7 @@ class Run:
                     self.run_round(k, [STEPS[name] for name in (*source.round_steps, *TRAINING)])
         finally:
             self.tracking.close()
-            if self.steps.generator is not None:
-                self.steps.generator.close()
+            self.steps.sampler.close()
             for judge in {id(j): j for j in judges[:2] if j is not None}.values():
                 judge.close()  # an HTTP judge's pooled connections, a local judge's engine
         procs.barrier()
@@ -145,16 +151,16 @@ class Run:
         # A resumed policy loads before the trainer wraps it (and, under FSDP2 or ZeRO-3, shards it).
         policy_round = checkpoints.restore_policy(models.policy)
         trainer = DPOTrainer(models.policy, recipe.loss, recipe.train, models.pad_id, models.accelerator)
-        # Process 0 owns the sampler; pi_0 log-probs are cached across runs by process 0 alone.
-        generator = build_generator(recipe, models.model_dir, models.eos_ids, models.pad_id) if self.main else None
-        pi0_cache = None
+        # The engines: process 0's alone, or one per process (generation.engines).
+        sampler = build_sampler(recipe, models, self.procs)
+        pi0_cache = None  # pi_0 log-probs are cached across runs by process 0 alone
         if self.main and recipe.reference.cache_logps:
             pi0_cache = ReferenceLogpCache(model_fingerprint(
                 models.model_dir, dtype=next(models.policy.parameters()).dtype, device=models.device.type,
                 padding_free=models.padding_free))
         self.tracking = build_tracking(recipe, self.run_dir, writer=self.main)  # opens lazily
         return RoundSteps(
-            recipe, self.run_dir, models=models, trainer=trainer, generator=generator, judges=judges,
+            recipe, self.run_dir, models=models, trainer=trainer, sampler=sampler, judges=judges,
             objective=objective, source=build_pair_source(recipe, objective, self.run_dir, models),
             reference=build_reference(recipe, models, self.run_dir, checkpoints), checkpoints=checkpoints,
             beta=build_beta(recipe.loss, self.run_dir), pi0_cache=pi0_cache,
@@ -185,14 +191,19 @@ class Run:
     def run_step(self, k: int, step: Step) -> None:
         if self.procs.agree(self.run_dir.done(k, step.name)):
             return
-        if self.main or step.every_process:
-            t0 = time.perf_counter()
-            summary = getattr(self.steps, step.method)(k)
-            summary["seconds"] = time.perf_counter() - t0
-            if self.main:
-                write_json(self.run_dir.round(k) / f"{step.name}.json", summary)
+        if step.every_process:
+            self.timed_step(k, step)
+        else:  # process 0's step; with an engine per process, the others sample their shares of it
+            self.steps.sampler.run_on_main(lambda: self.timed_step(k, step))
         self.procs.barrier()  # the others wait for process 0's artifacts
         maybe_kill(f"round_{k}/{step.name}")
+
+    def timed_step(self, k: int, step: Step) -> None:
+        t0 = time.perf_counter()
+        summary = getattr(self.steps, step.method)(k)
+        summary["seconds"] = time.perf_counter() - t0
+        if self.main:
+            write_json(self.run_dir.round(k) / f"{step.name}.json", summary)
 
 
 def run_recipe(recipe: Recipe) -> list[dict]:

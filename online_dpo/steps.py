@@ -5,7 +5,8 @@
 They work on the parts the run built once from the recipe (objective, pair source, reference
 schedule, checkpoints, sampler, judges) and never ask which mode the run is in. Process 0 runs
 every step; the others join only the steps that change or read their models (`run.py` says which)
-and hold no sampler or judge.
+and hold no judge. Sampling goes through the run's sampler (online_dpo/samplers.py), which owns
+the engines wherever they are.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from online_dpo.artifacts import (
     write_json,
     write_jsonl,
 )
-from online_dpo.engine import probe_tolerance, sampler_dtype, sync_and_verify, verify_engine
-from online_dpo.evaluation import kl_estimate, sample_records, sample_summary, win_rate
+from online_dpo.engine import probe_tolerance, sampler_dtype
+from online_dpo.evaluation import kl_estimate, sample_summary, win_rate
 from online_dpo.faults import maybe_kill
 from online_dpo.generation.base import SamplingSettings
 from online_dpo.logprobs import score_sequences
@@ -44,10 +45,11 @@ class ReferenceMismatchError(RuntimeError):
 
 
 class RoundSteps:
-    def __init__(self, recipe, run_dir: RunDir, *, models, trainer, generator, judges, objective,
+    def __init__(self, recipe, run_dir: RunDir, *, models, trainer, sampler, judges, objective,
                  source, reference, checkpoints, beta, pi0_cache, train_rows, eval_rows, policy_round):
         self.recipe, self.run_dir = recipe, run_dir
-        self.models, self.trainer, self.generator = models, trainer, generator
+        # The sampler (online_dpo/samplers.py) hides where the engines are: process 0 or each process.
+        self.models, self.trainer, self.sampler = models, trainer, sampler
         # Process 0 only (None elsewhere): the training judge, the eval judge and its scorer.
         self.judge_stack, self.eval_judge, self.eval_scorer = judges
         self.objective, self.source, self.reference = objective, source, reference
@@ -67,12 +69,12 @@ class RoundSteps:
             raise RuntimeError(f"internal: the sampler holds round {self.engine_round}, the policy is "
                                f"round {self.policy_round}, and no sync step ran")
         # Untrained: pi_0 has the policy's weights, and unlike a sharded policy it is whole here.
-        verify_engine(self.models, self.generator, probe_tolerance(self.recipe), self.models.pi0)
+        self.sampler.verify(self.models.pi0)
         self.engine_round = 0
 
     def sync_policy(self) -> dict:
         """Every process: the gather of sharded weights and the probe forward are collective."""
-        result = sync_and_verify(self.models, self.generator, probe_tolerance(self.recipe), self.trainer.policy)
+        result = self.sampler.update_weights(self.trainer.policy)
         self.engine_round = self.policy_round
         return result
 
@@ -87,7 +89,7 @@ class RoundSteps:
 
     def _sample(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
         self.ensure_engine_current()
-        records, stats = sample_records(self.models, self.generator, rows, settings)
+        records, stats = self.sampler.sample(rows, settings)
         return records, {**stats, "policy_round": self.policy_round}
 
     def sample(self, k: int) -> dict:
@@ -213,8 +215,8 @@ class RoundSteps:
 
     def sample_pi0_eval(self) -> None:
         """pi_0's held-out samples, judged against every later round's (round_0/)."""
-        verify_engine(self.models, self.generator, probe_tolerance(self.recipe), self.models.pi0)
-        records, stats = sample_records(self.models, self.generator, self.eval_rows, self._eval_settings())
+        self.sampler.verify(self.models.pi0)
+        records, stats = self.sampler.sample(self.eval_rows, self._eval_settings())
         summary = sample_summary(records, self.eval_scorer)  # keeps each sample's eval_score in records
         write_jsonl(self.run_dir.round(0) / "pi0_eval_samples.jsonl", records)
         write_json(self.run_dir.round(0) / "pi0_eval.json", {**stats, **summary})

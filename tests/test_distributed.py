@@ -169,20 +169,23 @@ def test_the_recipe_drives_deepspeed_batch_settings():
         prepare_deepspeed_config(accelerator({"gradient_clipping": 2.0}), TrainConfig(max_grad_norm=0.5))
 
 
-def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=False):
+def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=False, num_processes=1):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
     deepspeed = SimpleNamespace(zero_stage=zero_stage, zero3_init_flag=zero3_init,
                                 deepspeed_config={"fp16": {"enabled": fp16}})
-    return SimpleNamespace(distributed_type=DistributedType[kind], is_main_process=True,
+    return SimpleNamespace(distributed_type=DistributedType[kind], is_main_process=True, num_processes=num_processes,
                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version),
                                                  deepspeed_plugin=deepspeed))
 
 
 @pytest.mark.parametrize("kind, settings, overrides, error", [
     ("MULTI_CPU", {}, {}, None),
+    ("MULTI_CPU", {"num_processes": 2}, {"generation": {"backend": "vllm"}}, "set generation.engines: every_process"),
+    ("MULTI_CPU", {"num_processes": 2}, {"generation": {"backend": "vllm", "engines": "every_process"}}, None),
+    ("MULTI_CPU", {"num_processes": 2}, {"generation": {"backend": "transformers"}}, None),
     ("FSDP", {}, {}, None),
     ("FSDP", {"fsdp_version": 1}, {}, "fsdp_version: 2"),
     ("FSDP", {}, {"train": {"lora": {"rank": 4}}, "reference": {"schedule": "fixed"}}, "train.lora with FSDP"),

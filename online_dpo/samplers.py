@@ -1,0 +1,169 @@
+"""Samplers: the one interface the round's steps call to sample and to keep the engines current.
+
+    sample(rows, settings) -> (records, stats)   records in the rows' order (process 0)
+    update_weights(model)  -> sync summary        every process: push the weights, verify by probe
+    verify(model)          -> probe diff          this process's engine against `model` (pi_0)
+    close()
+
+`generation.engines` chooses one implementation when the run is built; no step asks which:
+- process0 (`InProcessSampler`): process 0 owns the only engine and samples every prompt; the
+  other processes hold none and only join the collective parts of a sync (gathers, probe forward).
+- every_process (`PerProcessSampler`): each process owns an engine. Process 0 runs the steps
+  that sample, and while it does the others serve its requests: each samples a contiguous shard
+  of the prompts and process 0 gathers the records back in prompt order. Seeds are per prompt
+  (vLLM gets `settings.seed + i` for prompt i), so a shard starting at prompt `start` is sampled
+  with seed `settings.seed + start` and the samples equal a one-process run's whatever the number
+  of processes. The transformers backend seeds per call, not per prompt: it samples fine per
+  process, but then its samples depend on the number of processes. Every engine is verified
+  against pi_0 when built and by the probe after every update; `sync.json` lists each process's
+  probe difference, and a failed probe on any process stops every process (no hang).
+
+`run_on_main(work)` is how the run executes a step that only process 0 runs: process 0 does
+`work()`, and the other processes serve its sampling requests until it is done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import replace
+
+import torch
+from accelerate.utils import broadcast_object_list, gather_object
+
+from online_dpo.engine import (
+    WeightSyncError,
+    build_generator,
+    probe_tolerance,
+    sync_and_verify,
+    verify_engine,
+)
+from online_dpo.evaluation import sample_records
+from online_dpo.generation.base import SamplingSettings
+
+
+class InProcessSampler:
+    """generation.engines: process0 (the default): one engine, on process 0."""
+
+    def __init__(self, models, generator, tolerance: float, procs):
+        self.models, self.generator, self.tolerance, self.procs = models, generator, tolerance, procs
+
+    def sample(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
+        return sample_records(self.models, self.generator, rows, settings)
+
+    def verify(self, model=None) -> float | None:
+        return verify_engine(self.models, self.generator, self.tolerance, model)
+
+    def update_weights(self, model=None) -> dict:
+        return sync_and_verify(self.models, self.generator, self.tolerance, model)
+
+    def run_on_main(self, work) -> None:
+        if self.procs.main:
+            work()
+
+    def close(self) -> None:
+        if self.generator is not None:
+            self.generator.close()
+
+
+class PerProcessSampler(InProcessSampler):
+    """generation.engines: every_process: an engine on each process, each sampling its shard."""
+
+    def __init__(self, models, generator, tolerance: float, procs):
+        super().__init__(models, generator, tolerance, procs)
+        self.rank = procs.state.process_index
+        # A fresh engine holds pi_0: check every one now, while every process is here.
+        self._check([self._probe(models.pi0)[1]], "when built")
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
+        """Process 0, while the others serve (`run_on_main`): every process samples its shard."""
+        t0 = time.perf_counter()
+        self._broadcast((rows, settings))
+        records, tokens = self._sample_shard(rows, settings)
+        seconds = time.perf_counter() - t0
+        return records, {"generation_seconds": seconds, "sampled_tokens": tokens,
+                         "tokens_per_second": tokens / max(seconds, 1e-9)}
+
+    def _sample_shard(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], int]:
+        start, end = shard_bounds(len(rows), self.rank, self.procs.world)
+        records, stats = sample_records(self.models, self.generator, rows[start:end],
+                                        replace(settings, seed=settings.seed + start))  # seeds per prompt
+        parts = gather_object([(records, stats["sampled_tokens"])])  # in process order = prompt order
+        return [r for part, _ in parts for r in part], sum(tokens for _, tokens in parts)
+
+    def close(self) -> None:
+        # vLLM found the run's process group initialized and adopted it as its own world, so its
+        # shutdown destroys it while the run still needs it (its last barrier): keep it.
+        destroy = torch.distributed.destroy_process_group
+        torch.distributed.destroy_process_group = lambda *args, **kwargs: None
+        try:
+            super().close()
+        finally:
+            torch.distributed.destroy_process_group = destroy
+
+    def run_on_main(self, work) -> None:
+        if not self.procs.main:
+            while (request := self._broadcast(None)) is not None:
+                self._sample_shard(*request)
+            return
+        try:
+            work()
+        finally:  # releases the others, also when process 0's step fails
+            self._broadcast(None)
+
+    def _broadcast(self, value):
+        if self.procs.world == 1:
+            return value
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    # ------------------------------------------------------------------ weights
+
+    def update_weights(self, model=None) -> dict:
+        """Every process: gather the weights (collective when sharded), load them into this
+        process's engine, probe it; then every process checks every engine's probe."""
+        result, diff = self._probe(model, sync=True)
+        diffs = self._check(gather_object([diff]), "after the weight sync")
+        return {**result, "probe_max_abs_diff": max(diffs), "probe_tolerance": self.tolerance,
+                "probe_max_abs_diff_per_process": diffs}
+
+    def _probe(self, model, sync: bool = False) -> tuple[dict, float]:
+        """This engine's probe difference; NaN when it is NaN (checked by every process later,
+        so one failing process never leaves the others waiting in a collective)."""
+        try:
+            if sync:
+                result = sync_and_verify(self.models, self.generator, math.inf, model)
+                return result, result["probe_max_abs_diff"]
+            return {}, verify_engine(self.models, self.generator, math.inf, model)
+        except WeightSyncError:  # at an infinite tolerance only a NaN difference raises
+            return {}, math.nan
+
+    def _check(self, diffs: list[float], when: str) -> list[float]:
+        for rank, diff in enumerate(diffs):
+            if not diff <= self.tolerance:
+                raise WeightSyncError(
+                    f"the sampler on process {rank} disagrees with the trainer {when}: max per-token "
+                    f"log-prob difference {diff:.3g} > generation.probe_tolerance={self.tolerance:g}. "
+                    "It may hold stale weights; stopping rather than sampling from the wrong policy.")
+        return diffs
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Process `rank`'s contiguous share [start, end) of n prompts; sizes differ by at most one."""
+    return rank * n // world, (rank + 1) * n // world
+
+
+def build_sampler(recipe, models, procs) -> InProcessSampler:
+    def generator():
+        return build_generator(recipe, models.model_dir, models.eos_ids, models.pad_id)
+
+    tolerance = probe_tolerance(recipe)
+    if recipe.generation.engines == "every_process":
+        if recipe.generation.tensor_parallel_size > 1:
+            raise ValueError("generation.engines: every_process runs one engine per process on that "
+                             "process's device; it cannot use generation.tensor_parallel_size > 1")
+        return PerProcessSampler(models, generator(), tolerance, procs)
+    return InProcessSampler(models, generator() if procs.main else None, tolerance, procs)
