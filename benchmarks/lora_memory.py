@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/lora_memory.py [--rounds 1] [--rank 16] [--threads 1]
 
-Each mode is one `online-dpo run recipes/quickstart.yaml` in its own process (real vLLM sampling,
+Each mode is one `online-dpo run recipes/concise_answers.yaml` in its own process (real vLLM sampling,
 weight sync verified by the probe, DPO training, evaluation), both with `reference.schedule:
 fixed` so full fine-tuning keeps its usual policy + reference pair. Peak RSS is the child's
 `ru_maxrss`, read by a fresh wrapper process per mode so one mode's peak never hides the other's.
@@ -29,7 +29,7 @@ WRAPPER = (
 
 def run_mode(name: str, overrides: list[str], out: Path, threads: int | None) -> dict:
     cmd = [sys.executable, "-c", WRAPPER, str(REPO / ".venv/bin/online-dpo"), "run",
-           str(REPO / "recipes/quickstart.yaml"), f"name={name}", f"output_dir={out}", *overrides]
+           str(REPO / "recipes/concise_answers.yaml"), f"name={name}", f"output_dir={out}", *overrides]
     if threads:
         cmd[5:5] = ["--threads", str(threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

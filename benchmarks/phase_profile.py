@@ -57,7 +57,7 @@ def main() -> None:
     from online_dpo.generation import top_p
     from online_dpo.logprobs import completion_logps
 
-    recipe = load_recipe(str(REPO / "recipes" / "quickstart.yaml"), [])
+    recipe = load_recipe(str(REPO / "recipes" / "concise_answers.yaml"), [])
     models = Models(recipe)
     prompts = [json.loads(line)["prompt"] for line in (REPO / "recipes/data/prompts.jsonl").open()]
     prompt_ids = [models.prompt_ids(x) for x in prompts[:args.prompts]]

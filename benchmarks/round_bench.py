@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/round_bench.py --rounds 2 data.prompts_per_round=8
 
 Runs `online_dpo.run.Run(recipe).execute()` (vLLM sampling, the judge, DPO training, in-place
-weight sync, evaluation) on a recipe (default `recipes/quickstart.yaml`) with `name=bench` and
+weight sync, evaluation) on a recipe (default `recipes/concise_answers.yaml`) with `name=bench` and
 `output_dir` set to a temporary folder, then reads the run's `metrics.jsonl`, each round's
 `train.json` and `pairs/` dataset, and prints per-round figures and their medians over rounds 2..N
 (round 1 is a warm-up: it includes the first probe of the fresh engine and first-call overheads).
@@ -49,7 +49,7 @@ FLOPS_FORMULA = (
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="recipe overrides, key=value (e.g. seed=1)")
-    p.add_argument("--recipe", default=str(REPO / "recipes" / "quickstart.yaml"))
+    p.add_argument("--recipe", default=str(REPO / "recipes" / "concise_answers.yaml"))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="runs/bench/round_bench.json", help="JSON results file")
     p.add_argument("--keep", action="store_true", help="keep the temporary run directory")

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/sampling_bench.py --repeats 2
 
 Both generators are built once through `online_dpo.engine.build_generator` from the same recipe
-(default `recipes/quickstart.yaml`), differing only in `generation.backend` (vllm / transformers),
+(default `recipes/concise_answers.yaml`), differing only in `generation.backend` (vllm / transformers),
 and get the same chat-formatted prompt ids (`Models.prompt_ids`) and the same `SamplingSettings`.
 Then the same sampling call is timed on each, alternating A B A B for `--repeats` rounds.
 tokens/s counts the tokens each backend returned (up to and including EOS), as the pipeline's
@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("overrides", nargs="*", help="recipe overrides, key=value (model.path=...)")
-    p.add_argument("--recipe", default=str(REPO / "recipes" / "quickstart.yaml"))
+    p.add_argument("--recipe", default=str(REPO / "recipes" / "concise_answers.yaml"))
     p.add_argument("--prompts-file", default=str(REPO / "recipes" / "data" / "prompts.jsonl"))
     p.add_argument("--prompts", type=int, default=16, help="first N prompts of the file")
     p.add_argument("--n", type=int, default=4, help="completions per prompt")

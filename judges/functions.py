@@ -58,3 +58,34 @@ class GoldAnswerJudge:
             raise KeyError(f"prompt row has no gold-answer column {self.column!r} (has {sorted(row)})")
         gold = _normalize(str(row[self.column]))
         return float(bool(gold) and f" {gold} " in f" {_normalize(completion)} ")
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The last number in `text` ("1,234" -> "1234", "5.0" -> "5"), or None if there is none."""
+    numbers = _NUMBER.findall(text)
+    if not numbers:
+        return None
+    value = numbers[-1].replace(",", "").rstrip(".")
+    if "." in value:
+        value = value.rstrip("0").rstrip(".")
+    return value
+
+
+class ExactAnswerJudge:
+    """Strict exact match for verifiable tasks: 1.0 when the completion's only or final number
+    equals the row's gold answer, else 0.0. Unlike `GoldAnswerJudge` it cannot be gamed by listing
+    candidates: "23, 24, 25" answers 25."""
+
+    def __init__(self, column: str = "answer"):
+        self.column = column
+
+    def score(self, row: Row, completion: str) -> float:
+        if self.column not in row:
+            raise KeyError(f"prompt row has no gold-answer column {self.column!r} (has {sorted(row)})")
+        gold = final_number(str(row[self.column]))
+        if gold is None:
+            raise ValueError(f"gold answer {row[self.column]!r} is not a number")
+        return float(final_number(completion) == gold)
