@@ -33,7 +33,10 @@ class MajorityVote:
                 raise JudgeLoadError(f"MajorityVote voter {spec!r} needs a `target`")
         built: dict[int, Any] = {}
         # The same spec k times means k calls to *one* judge object (k samples of it).
-        self.voters = [built.setdefault(id(s), build_judge(s["target"], s.get("kwargs", {}))) for s in specs]
+        for s in specs:
+            if id(s) not in built:
+                built[id(s)] = build_judge(s["target"], s.get("kwargs", {}))
+        self.voters = [built[id(s)] for s in specs]
         self.quorum = quorum
         self.decisions = 0
         self.agreement_sum = 0.0

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
     from judges.loading import JudgeLoadError
+    from judges.protocol import JudgeConfigError
     from online_dpo.config import RecipeError, load_recipe
     from online_dpo.data import DatasetError
 
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         from online_dpo.run import run_recipe
 
         run_recipe(recipe)
-    except (RecipeError, DatasetError, JudgeLoadError, FileNotFoundError) as e:
+    except (RecipeError, DatasetError, JudgeLoadError, JudgeConfigError, FileNotFoundError) as e:
         print(f"online-dpo: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -58,6 +58,13 @@ def _check_sections(recipe) -> None:
             f"loss.loss_type {recipe.loss.loss_type} would ignore label_smoothing "
             f"{recipe.loss.label_smoothing}: set it to 0"
         )
+    if recipe.mode == "fully_online" and recipe.pairs.replay_ratio > 0:
+        raise RecipeError(f"pairs.replay_ratio: mode fully_online trains one optimizer step of fresh pairs "
+                          f"per round; replayed pairs would make more steps; got {recipe.pairs.replay_ratio}")
+    if recipe.mode == "fully_online" and recipe.loss.loss_type == "kto":
+        raise RecipeError("loss.loss_type: kto labels up to generation.samples_per_prompt examples per "
+                          "prompt, so mode fully_online could not keep one optimizer step per round; "
+                          "use mode: online")
     if recipe.mode != "offline" and recipe.data.pairs is not None:
         raise RecipeError(f"data.pairs is read only by mode: offline (this recipe has mode: "
                           f"{recipe.mode}, which samples its pairs); remove data.pairs or set mode: offline")
@@ -99,6 +106,13 @@ def check_launch(recipe, accelerator) -> None:
     """Refuse recipe settings the launch's distributed setup cannot run (before any model loads)."""
     kind = accelerator.distributed_type
     g = recipe.generation
+    local_vllm = [key for key, cfg in (("judge", recipe.judge), ("eval.judge", recipe.eval.judge))
+                  if cfg is not None and cfg.kwargs.get("backend") == "vllm"]
+    if accelerator.num_processes > 1 and local_vllm:
+        # The same wait as below: a vLLM engine that process 0 alone builds never starts.
+        raise RuntimeError(f"{local_vllm[0]}.kwargs.backend: vllm (a local vLLM judge on process 0) hangs "
+                           f"under {accelerator.num_processes} processes; serve the judge with `vllm serve` "
+                           "and use backend: http")
     if accelerator.num_processes > 1 and g.backend == "vllm" and g.engines == "process0":
         # vLLM adopts the run's process group and waits, while building its engine, for every
         # process to build one: process 0 alone would wait forever.

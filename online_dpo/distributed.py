@@ -1,8 +1,9 @@
 """Process roles when a run is launched with several processes (`accelerate launch`, `torchrun`).
 
-Process 0 owns the sampler, the judges and every artifact; all processes train, each on its own
-share of a step's pairs, with gradients averaged (DDP, FSDP2 or DeepSpeed). Decisions that depend
-on the run directory are taken by process 0 and broadcast, so no process can race ahead of another.
+Process 0 owns the judges and every artifact (and, with generation.engines: process0, the only
+sampler); all processes train, each on its own share of a step's pairs, with gradients averaged
+(DDP, FSDP2 or DeepSpeed). Whether a step is done is decided by process 0 and broadcast, so no
+process can race ahead of another.
 
 Under FSDP2 and DeepSpeed ZeRO-3 the policy's weights are sharded, so reading them whole (sampler
 sync, reference swap, checkpoint) and running it forward (the sync probe) are collective: every

@@ -89,10 +89,11 @@ def add_replay(run_dir: RunDir, k: int, columns: dict[str, list], ratio: float, 
     old = [run_dir.round(j) / "pairs" for j in range(1, k) if (run_dir.round(j) / "pairs").exists()]
     if want == 0 or not old:
         return 0
-    pool = datasets.concatenate_datasets([datasets.load_from_disk(str(p)) for p in old])
-    pool = pool.filter(lambda r: not r["replay"])  # replay only fresh pairs, never replays
+    # Read into memory: datasets' filter/select would write cache files into finished rounds' folders.
+    pool = [row for p in old for row in datasets.load_from_disk(str(p)).to_list()
+            if not row["replay"]]  # replay only fresh pairs, never replays
     picks = random.Random(seed * 131 + k).sample(range(len(pool)), min(want, len(pool)))
-    for row in pool.select(picks):
+    for i in picks:
         for c in PAIR_COLUMNS:
-            columns[c].append(True if c == "replay" else row[c])
+            columns[c].append(True if c == "replay" else pool[i][c])
     return len(picks)

@@ -77,9 +77,11 @@ class SwapReference(FixedReference):
             self.checkpoints.load_into(self.models.reference, self.source_round)
 
     def update(self, k: int, policy, policy_round: int) -> dict:
-        if k % self.every == 0 and policy_round == k:  # a round without pairs changed nothing
+        # The policy of the newest round that trained: a round without pairs changed nothing, but it
+        # must not cancel the swap of a policy an earlier round of the period trained.
+        if k % self.every == 0 and policy_round > self.source_round:
             self.models.set_reference(policy)  # every process: a gather when sharded
-            self.source_round = k
+            self.source_round = policy_round
         return {"schedule": self.name, "source_round": self.source_round}
 
     def may_reuse_sampler(self, sampler_round: int | None) -> bool:
@@ -105,7 +107,9 @@ class EMAReference(FixedReference):
     def restore(self) -> None:
         # The reference moves inside training; its state is saved with each round's train.json.
         k = self.run_dir.latest_with(REFERENCE)
-        if k and self.run_dir.done(k, "train"):
+        while k and not self.run_dir.done(k, "train"):  # killed between its save and train.json
+            k = self.run_dir.latest_with(REFERENCE, before=k)
+        if k:
             self.checkpoints.load_into(self.models.reference, k, REFERENCE)
             self.moved = self._steps_before(k + 1) >= self.every
 

@@ -22,8 +22,9 @@ under a changed recipe is refused (more `rounds` and other `report_to` trackers 
 Processes. Under `accelerate launch`, process 0 samples, judges and writes every artifact. Every
 process joins the steps that change or read its models (`every_process` below); at the others it
 waits for process 0, or, with an engine on every process (generation.engines: every_process),
-samples its share of process 0's prompts (online_dpo/samplers.py). Decisions that read the run
-directory are process 0's, broadcast.
+samples its share of process 0's prompts (online_dpo/samplers.py). Whether a step or round is
+done is process 0's decision, broadcast; each process restores its own models from the
+checkpoints (a shared filesystem is assumed).
 """
 
 from __future__ import annotations
@@ -220,7 +221,9 @@ def check_resolved_recipe(recipe: Recipe, run_dir: Path) -> None:
     if path.exists():
         previous = recipe_to_dict(recipe_from_dict(yaml.safe_load(path.read_text())))
         # More rounds extends a run without invalidating finished work; trackers change no result.
-        changed = [k for k in sorted(_diff_keys(previous, resolved)) if k not in ("rounds", "report_to")]
+        # Not so offline from pi_0: round_0/ drew the pool for the first `rounds` only.
+        allowed = ("report_to",) if recipe.mode == "offline" and recipe.data.pairs is None else ("rounds", "report_to")
+        changed = [k for k in sorted(_diff_keys(previous, resolved)) if k not in allowed]
         if changed:
             raise RecipeError(f"{run_dir} was started with a different recipe (changed: {', '.join(changed)}); "
                               "use a new name= to start a new run")

@@ -175,7 +175,7 @@ class RoundSteps:
             i = reuse.index(True)
             diff = abs(self.score(self.models.reference, [sequences[i]]).item() - logps[i].item())
             # The probe tolerance is per token; these are sums over whole completions.
-            tol = probe_tolerance(self.recipe) * max(len(s[1]) for s in sequences)
+            tol = probe_tolerance(self.recipe) * len(sequences[i][1])
             if diff > tol:
                 raise ReferenceMismatchError(
                     f"round {k}: sampling log-probs differ from the reference by {diff:.3g} "

@@ -46,6 +46,9 @@ class DPOTrainer:
         """One round of `objective` on `items` against `reference` (the objective's reference log-probs
         of its `reference_sequences(items)`); metrics are means over all micro-batches."""
         beta = self.loss_cfg.beta if beta is None else beta  # adaptive beta moves it per round
+        # Dropout (e.g. train.lora.dropout) draws from the global generator: seeded per round, so a
+        # resumed round draws the masks an uninterrupted one did.
+        torch.manual_seed(seed)
         reference = reference.to(self.device)
 
         def micro(idx, weight):

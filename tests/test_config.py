@@ -240,6 +240,10 @@ def test_range_boundaries_that_are_allowed():
          "data.pairs is read only by mode: offline .*mode: online"),
         (minimal(mode="fully_online", data={"prompts": "p.jsonl", "pairs": "pairs.jsonl"}),
          "data.pairs is read only by mode: offline .*mode: fully_online"),
+        (minimal(mode="fully_online", data={"prompts": "p.jsonl"}, pairs={"replay_ratio": 0.5}),
+         "pairs.replay_ratio: mode fully_online trains one optimizer step"),
+        (minimal(mode="fully_online", data={"prompts": "p.jsonl"}, loss={"loss_type": "kto"}),
+         "loss.loss_type: kto .* mode fully_online could not keep one optimizer step"),
     ],
 )
 def test_combinations_are_refused_naming_the_keys(data, message):
@@ -276,7 +280,7 @@ def test_a_bad_judge_fails_at_load(judge, key, message):
 
 
 def test_kto_without_a_dataset_needs_a_pointwise_judge():
-    for mode in ("online", "fully_online", "offline"):  # offline without data.pairs: pi_0's samples
+    for mode in ("online", "offline"):  # offline without data.pairs: pi_0 samples (fully_online: no KTO)
         with pytest.raises(RecipeError, match="judge.target tests.test_config:PairwiseOnly is not a "
                                               "pointwise judge"):
             recipe_from_dict(minimal(mode=mode, loss={"loss_type": "kto"}, judge=PAIRWISE))
@@ -359,7 +363,7 @@ def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=Fals
 
     deepspeed = SimpleNamespace(zero_stage=zero_stage, zero3_init_flag=zero3_init,
                                 deepspeed_config={"fp16": {"enabled": fp16}})
-    return SimpleNamespace(distributed_type=DistributedType[kind], is_main_process=True,
+    return SimpleNamespace(distributed_type=DistributedType[kind], is_main_process=True, num_processes=1,
                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version),
                                                  deepspeed_plugin=deepspeed))
 

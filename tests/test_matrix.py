@@ -53,6 +53,10 @@ def test_combination_runs_or_is_refused(mode, objective, schedule, lora, tiny_mo
         with pytest.raises(RecipeError, match=r"train\.lora.*reference\.schedule"):
             recipe_from_dict(data)
         return
+    if mode == "fully_online" and objective == "kto":  # several examples per prompt: not one step
+        with pytest.raises(RecipeError, match=r"loss\.loss_type: kto.*mode fully_online"):
+            recipe_from_dict(data)
+        return
     run = Run(recipe_from_dict(data))
     rows = run.execute()
     assert [row["round"] for row in rows] == [1, 2]

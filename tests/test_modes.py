@@ -49,8 +49,13 @@ def test_offline_dataset_errors_name_column_and_row(tiny_model_dir, prompts_file
 
 
 def test_offline_pairs_sampled_once_from_pi0(tiny_model_dir, prompts_file, tmp_path):
+    from online_dpo.config import RecipeError
+
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", mode="offline")
     r, rows = run(data)
+    # round_0/ drew the pool for 2 rounds: a third would silently reuse round 1's pairs.
+    with pytest.raises(RecipeError, match="changed: rounds"):
+        run({**data, "rounds": 3})
     collected = datasets.load_from_disk(str(r.round_dir(0) / "pairs"))
     assert set(collected["sampler_round"]) == {0}
     assert rows[0]["prompts"] == 8  # both rounds' prompts, sampled once up front
@@ -99,6 +104,8 @@ def test_replay_and_checkpoint_pruning(tiny_model_dir, prompts_file, tmp_path):
     assert rows[0]["replayed_pairs"] == 0 and rows[1]["replayed_pairs"] == 2
     assert rows[1]["train_pairs"] == rows[1]["fresh_pairs"] + 2
     assert [(r.round_dir(k) / "checkpoint").exists() for k in (1, 2, 3)] == [False, False, True]
+    # Replay reads finished rounds' pairs without writing datasets cache files into them.
+    assert not list(r.round_dir(1).glob("pairs/cache-*"))
 
 
 def test_fully_online_one_step_per_round(tiny_model_dir, prompts_file, tmp_path):
