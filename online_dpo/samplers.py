@@ -66,12 +66,17 @@ class InProcessSampler:
             self.generator.close()
 
 
+class SamplingError(RuntimeError):
+    pass
+
+
 class PerProcessSampler(InProcessSampler):
     """generation.engines: every_process: an engine on each process, each sampling its shard."""
 
     def __init__(self, models, generator, tolerance: float, procs):
         super().__init__(models, generator, tolerance, procs)
         self.rank = procs.state.process_index
+        self.failed = False  # a sampling error raised on every process at once
         # A fresh engine holds pi_0: check every one now, while every process is here.
         self._check([self._probe(models.pi0)[1]], "when built")
 
@@ -88,10 +93,18 @@ class PerProcessSampler(InProcessSampler):
 
     def _sample_shard(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], int]:
         start, end = shard_bounds(len(rows), self.rank, self.procs.world)
-        records, stats = sample_records(self.models, self.generator, rows[start:end],
-                                        replace(settings, seed=settings.seed + start))  # seeds per prompt
-        parts = gather_object([(records, stats["sampled_tokens"])])  # in process order = prompt order
-        return [r for part, _ in parts for r in part], sum(tokens for _, tokens in parts)
+        try:
+            records, stats = sample_records(self.models, self.generator, rows[start:end],
+                                            replace(settings, seed=settings.seed + start))  # seeds per prompt
+            part = (records, stats["sampled_tokens"], None)
+        except Exception as e:  # noqa: BLE001 - every process must reach the gather, or all hang
+            part = ([], 0, f"process {self.rank}: {type(e).__name__}: {e}")
+        parts = gather_object([part])  # in process order = prompt order
+        errors = [error for _, _, error in parts if error]
+        if errors:  # every process raises together; none is left waiting in a collective
+            self.failed = True
+            raise SamplingError(f"sampling failed on {len(errors)} of {len(parts)} processes: {errors[0]}")
+        return [r for records, _, _ in parts for r in records], sum(tokens for _, tokens, _ in parts)
 
     def close(self) -> None:
         # vLLM found the run's process group initialized and adopted it as its own world, so its
@@ -110,8 +123,9 @@ class PerProcessSampler(InProcessSampler):
             return
         try:
             work()
-        finally:  # releases the others, also when process 0's step fails
-            self._broadcast(None)
+        finally:  # releases the others, also when process 0's step fails (unless all failed together)
+            if not self.failed:
+                self._broadcast(None)
 
     def _broadcast(self, value):
         if self.procs.world == 1:

@@ -37,6 +37,31 @@ def test_a_failed_probe_on_any_process_stops_every_process():
             sampler._check(diffs, "after the weight sync")
 
 
+def test_a_sampling_error_on_a_process_is_raised_by_every_process(monkeypatch):
+    """A process whose engine raises still reaches the gather with an error marker, so every
+    process raises the same SamplingError instead of waiting in a collective for ever; process 0
+    then does not broadcast the release the others no longer wait for."""
+    from online_dpo import samplers
+    from online_dpo.distributed import Processes
+    from online_dpo.generation.base import SamplingSettings
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("engine died")
+
+    monkeypatch.setattr(samplers, "sample_records", broken)
+    sampler = object.__new__(samplers.PerProcessSampler)  # no engine: the error path alone
+    sampler.models, sampler.generator, sampler.procs, sampler.rank = None, None, Processes(), 0
+    sampler.failed = False
+    with pytest.raises(samplers.SamplingError, match="process 0: RuntimeError: engine died"):
+        sampler._sample_shard([{"prompt": "x"}], SamplingSettings(1, 1.0, 1.0, 4, 0))
+    assert sampler.failed
+    released = []
+    monkeypatch.setattr(sampler, "_broadcast", released.append)
+    with pytest.raises(RuntimeError):
+        sampler.run_on_main(lambda: (_ for _ in ()).throw(RuntimeError("step failed")))
+    assert released == []  # every process already raised: nobody to release
+
+
 def test_the_recipe_key_is_validated():
     from online_dpo.config import RecipeError, recipe_from_dict
     from tests.test_config import minimal
