@@ -1,5 +1,4 @@
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -353,37 +352,3 @@ def test_invalid_yaml_and_missing_file(tmp_path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="recipe: expected a mapping, got list"):
         load_recipe(listed)
-
-
-# ---------------------------------------------------------------------------- compat.check_launch
-
-
-def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=False):
-    from accelerate.utils import DistributedType
-
-    deepspeed = SimpleNamespace(zero_stage=zero_stage, zero3_init_flag=zero3_init,
-                                deepspeed_config={"fp16": {"enabled": fp16}})
-    return SimpleNamespace(distributed_type=DistributedType[kind], is_main_process=True, num_processes=1,
-                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version),
-                                                 deepspeed_plugin=deepspeed))
-
-
-@pytest.mark.parametrize("kind, settings, overrides, error", [
-    ("MULTI_GPU", {}, {"reference": {"schedule": "ema"}}, None),
-    ("FSDP", {"fsdp_version": 1}, {}, "FSDP1 is not supported"),
-    ("FSDP", {}, {"reference": {"schedule": "ema"}}, "reference.schedule: ema with FSDP"),
-    ("DEEPSPEED", {}, {"train": {"lora": {"rank": 4}}, "reference": {"schedule": "fixed"}},
-     "train.lora with DeepSpeed"),
-    ("DEEPSPEED", {"fp16": True}, {}, "DeepSpeed fp16 is not supported"),
-    ("DEEPSPEED", {"zero_stage": 3, "zero3_init": True}, {}, "zero3_init_flag: true is not supported"),
-    ("XLA", {}, {}, "not supported by the round pipeline"),
-])
-def test_check_launch(kind, settings, overrides, error):
-    from online_dpo.compat import check_launch
-
-    recipe = recipe_from_dict(minimal(**overrides))
-    if error is None:
-        check_launch(recipe, _accelerator(kind, **settings))
-    else:
-        with pytest.raises(RuntimeError, match=error):
-            check_launch(recipe, _accelerator(kind, **settings))

@@ -183,6 +183,7 @@ def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=Fals
 
 @pytest.mark.parametrize("kind, settings, overrides, error", [
     ("MULTI_CPU", {}, {}, None),
+    ("MULTI_GPU", {}, {"reference": {"schedule": "ema"}}, None),  # DDP: whole weights on every process
     ("MULTI_CPU", {"num_processes": 2}, {"generation": {"backend": "vllm"}}, "set generation.engines: every_process"),
     ("MULTI_CPU", {"num_processes": 2}, {"generation": {"backend": "vllm", "engines": "every_process"}}, None),
     ("MULTI_CPU", {"num_processes": 2}, {"generation": {"backend": "transformers"}}, None),
