@@ -43,6 +43,12 @@ class PairwiseFunction:
         return Judgment(preference, f"function said {preference.value}")
 
 
+def gold_answer(row: Row, column: str) -> str:
+    if column not in row:
+        raise KeyError(f"prompt row has no gold-answer column {column!r} (has {sorted(row)})")
+    return str(row[column])
+
+
 def _normalize(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
@@ -54,9 +60,7 @@ class GoldAnswerJudge:
         self.column = column
 
     def score(self, row: Row, completion: str) -> float:
-        if self.column not in row:
-            raise KeyError(f"prompt row has no gold-answer column {self.column!r} (has {sorted(row)})")
-        gold = _normalize(str(row[self.column]))
+        gold = _normalize(gold_answer(row, self.column))
         return float(bool(gold) and f" {gold} " in f" {_normalize(completion)} ")
 
 
@@ -83,9 +87,7 @@ class ExactAnswerJudge:
         self.column = column
 
     def score(self, row: Row, completion: str) -> float:
-        if self.column not in row:
-            raise KeyError(f"prompt row has no gold-answer column {self.column!r} (has {sorted(row)})")
-        gold = final_number(str(row[self.column]))
+        gold = final_number(gold_answer(row, self.column))
         if gold is None:
             raise ValueError(f"gold answer {row[self.column]!r} is not a number")
         return float(final_number(completion) == gold)

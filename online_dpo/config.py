@@ -359,14 +359,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    path = Path(path)
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content; a missing file or bad YAML is a RecipeError naming the file."""
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
-        raise RecipeError(f"recipe file not found: {path}") from None
+        raise RecipeError(f"{what} not found: {path}") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"{path}: invalid YAML: {e}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    data = read_yaml(path, "recipe file")
     return recipe_from_dict(apply_overrides(data or {}, list(overrides)), base_dir=path.parent)
 
 

@@ -47,6 +47,7 @@ from online_dpo.config import (
     Str,
     _recipe_error,
     load_recipe,
+    read_yaml,
     recipe_to_dict,
 )
 from online_dpo.faults import cell_env
@@ -172,12 +173,7 @@ def arm_key(recipe: dict) -> str:
 
 def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"sweep file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    data = read_yaml(path, "sweep file")
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping, got {type(data).__name__}")
     try:
@@ -345,12 +341,7 @@ def arm_of(run_dir: str | Path) -> tuple[str, str]:
     "loss.beta=0.1") for a sweep's cell, else the run's folder name less a "seed<k>" suffix."""
     run_dir = Path(run_dir)
     path = run_dir / "recipe.yaml"
-    try:
-        recipe = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{run_dir}: no recipe.yaml — is it a run directory?") from None
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: invalid YAML: {e}") from None
+    recipe = read_yaml(path, "a run directory's recipe.yaml")  # RecipeError: a ValueError
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: expected a mapping")
     entry = _sweep_entry(run_dir)

