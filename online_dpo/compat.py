@@ -13,6 +13,7 @@ import inspect
 import os
 from typing import Any
 
+import torch
 from accelerate.utils import DistributedType
 
 from judges.loading import JudgeLoadError, validate_judge_target
@@ -30,6 +31,7 @@ SMOOTHED_LOSSES = ("sigmoid", "robust")
 def check_recipe(recipe) -> None:
     """Refuse combinations the pipeline cannot honour, and resolve every judge the recipe names."""
     _check_sections(recipe)
+    _check_generation(recipe.generation)
     _check_kto(recipe)
     check_trackers(recipe.report_to)  # each named once, its package installed
     judge = resolve_judge(recipe.judge, "judge")
@@ -68,6 +70,19 @@ def _check_sections(recipe) -> None:
     if recipe.mode != "offline" and recipe.data.pairs is not None:
         raise RecipeError(f"data.pairs is read only by mode: offline (this recipe has mode: "
                           f"{recipe.mode}, which samples its pairs); remove data.pairs or set mode: offline")
+
+
+def _check_generation(g) -> None:
+    if (g.backend == "vllm_server") != (g.server is not None):
+        raise RecipeError("generation.server: needed by generation.backend: vllm_server, and read by it alone "
+                          f"(generation.backend is {g.backend!r}, generation.server is "
+                          f"{'set' if g.server is not None else 'unset'})")
+    if g.backend == "vllm_server" and g.engines != "process0":
+        raise RecipeError("generation.engines: every_process builds an engine in every training process; "
+                          "with generation.backend: vllm_server the engine is the server: use process0")
+    if g.sleep and g.backend != "vllm":
+        raise RecipeError(f"generation.sleep: only an in-process vLLM engine sleeps (generation.backend: "
+                          f"vllm), not {g.backend!r}")
 
 
 def _check_kto(recipe) -> None:
@@ -119,6 +134,9 @@ def check_launch(recipe, accelerator) -> None:
         raise RuntimeError("generation.engines: process0 with generation.backend: vllm hangs under "
                            f"{accelerator.num_processes} processes (vLLM's engine start waits for every "
                            "process); set generation.engines: every_process")
+    if g.sleep and not torch.cuda.is_available():
+        raise RuntimeError("generation.sleep: needs CUDA (vLLM's sleep mode frees GPU memory); "
+                           "this machine has no GPU: set generation.sleep: false")
     if kind in REPLICATED:
         asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
         if asked_fsdp and accelerator.is_main_process:

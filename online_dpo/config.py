@@ -9,60 +9,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationError,
-    model_validator,
-)
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
 from online_dpo.compat import check_recipe
+from online_dpo.config_base import Bool, Float, Int, Section, Str
 from online_dpo.errors import RecipeError
 
 __all__ = ["RecipeError"]  # re-exported: callers catch config.RecipeError
-
-
-def _refuse_bool(value: Any) -> Any:
-    if isinstance(value, bool):  # lax float would read true as 1.0
-        raise PydanticCustomError("float_type", "expected a number")
-    return value
-
-
-# YAML reads 1e-5 as a string: floats take numeric strings (lax). Ints, bools and strings are
-# strict: a bool is not an int, 2.5 is not an int, "yes" is not a bool.
-Float = Annotated[float, BeforeValidator(_refuse_bool)]
-Int = Annotated[int, Strict()]
-Bool = Annotated[bool, Strict()]
-Str = Annotated[str, Strict()]
-
-
-class Section(BaseModel):
-    """Frozen, no extra keys, docstrings as field descriptions, no inf/nan floats."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True,
-                              allow_inf_nan=False)
-    RENAMED: ClassVar[dict[str, str]] = {}
-    """Old key -> its new dotted name; an old key is refused with a message naming the new one."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key in data:
-                if key in cls.RENAMED:
-                    raise PydanticCustomError("renamed", "{old} was renamed {new}", {"old": key, "new": cls.RENAMED[key]})
-            unknown = sorted(str(k) for k in data if k not in cls.model_fields)
-            if unknown:
-                raise PydanticCustomError("unknown_key", "unknown key {key}",
-                                          {"key": unknown[0], "known": ", ".join(sorted(cls.model_fields))})
-        return data
 
 
 class ModelConfig(Section):
@@ -72,11 +29,48 @@ class ModelConfig(Section):
     """"auto" is float32 on CPU (bf16 is ~9x slower there) and bfloat16 on CUDA."""
 
 
+class ServerLaunchConfig(Section):
+    port: Int = Field(0, ge=0, lt=65536)
+    """Port of the `vllm serve` that online-dpo starts; 0: a free one."""
+    host: Str = "127.0.0.1"
+    devices: Str | None = None
+    """CUDA_VISIBLE_DEVICES for the server (e.g. "7": the sampler's own GPU); None: inherited."""
+    args: list[Str] = Field(default_factory=list)
+    """Extra `vllm serve` arguments, e.g. ["--tensor-parallel-size", "2"]."""
+    startup_timeout_s: Float = Field(600, gt=0)
+    """Stop with an error if the server is not healthy after this long."""
+
+
+class ServerConfig(Section):
+    url: Str | None = None
+    """Base URL of a running `vllm serve` (started with VLLM_SERVER_DEV_MODE=1, --enable-scale-out
+    and --weight-transfer-config '{"backend": "safetensors_file"}'), e.g. http://10.0.0.7:8000."""
+    launch: ServerLaunchConfig | None = None
+    """Or: online-dpo starts `vllm serve` of the recipe's model itself, and stops it at the end."""
+    timeout_s: Float = Field(300, gt=0)
+    """Give up on one request (sampling, a weight update, the probe) after this many seconds."""
+    transfer_dir: Str | None = None
+    """Where the trainer writes the weights the server reads (safetensors files): a folder both see.
+    None: /dev/shm/online-dpo/<run> for a local server, else <run dir>/weight_transfer."""
+
+    @model_validator(mode="after")
+    def _one_server(self):
+        if (self.url is None) == (self.launch is None):
+            raise PydanticCustomError("server", "give exactly one of url (a running server) and launch (start one)")
+        return self
+
+
 class GenerationConfig(Section):
     RENAMED: ClassVar[dict[str, str]] = {"n": "generation.samples_per_prompt"}
 
-    backend: Literal["vllm", "transformers"] = "vllm"
-    """Sampling engine. Chosen explicitly; there is no silent fallback."""
+    backend: Literal["vllm", "transformers", "vllm_server"] = "vllm"
+    """Sampling engine: vLLM in the training process, plain transformers, or a separate `vllm
+    serve` (generation.server). Chosen explicitly; there is no silent fallback."""
+    server: ServerConfig | None = None
+    """generation.backend: vllm_server: which server, and how weights reach it."""
+    sleep: Bool = False
+    """CUDA, in-process vLLM: put the engine to sleep while the trainer trains (its KV cache and
+    weights are released; the weights are synced anyway) and wake it before sampling."""
     engines: Literal["process0", "every_process"] = "process0"
     """process0: one engine, on process 0; every_process: one per process (online_dpo/samplers.py)."""
     samples_per_prompt: Int = Field(4, ge=2)

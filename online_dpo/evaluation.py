@@ -30,7 +30,8 @@ def sample_records(models, generator, rows: list[dict], settings: SamplingSettin
             text = c.text or models.tokenizer.decode(c.token_ids, skip_special_tokens=True)
             tokens += len(c.token_ids)
             samples.append({"text": text, "token_ids": c.token_ids, "finished": c.finished,
-                            "logp": float(sum(c.logprobs)), "num_tokens": len(c.token_ids)})
+                            "logp": float(sum(c.logprobs)), "num_tokens": len(c.token_ids),
+                            "weight_version": c.weight_version})
         records.append({"row": row, "prompt_ids": ids, "samples": samples})
     return records, {"generation_seconds": seconds, "sampled_tokens": tokens,
                      "tokens_per_second": tokens / max(seconds, 1e-9)}

@@ -153,7 +153,7 @@ class Run:
         policy_round = checkpoints.restore_policy(models.policy)
         trainer = DPOTrainer(models.policy, recipe.loss, recipe.train, models.pad_id, models.accelerator)
         # The engines: process 0's alone, or one per process (generation.engines).
-        sampler = build_sampler(recipe, models, self.procs)
+        sampler = build_sampler(recipe, models, self.procs, self.dir)
         pi0_cache = None  # pi_0 log-probs are cached across runs by process 0 alone
         if self.main and recipe.reference.cache_logps:
             pi0_cache = ReferenceLogpCache(model_fingerprint(

@@ -1,13 +1,20 @@
 """Samplers: the one interface the round's steps call to sample and to keep the engines current.
 
-    sample(rows, settings) -> (records, stats)   records in the rows' order (process 0)
-    update_weights(model)  -> sync summary        every process: push the weights, verify by probe
-    verify(model)          -> probe diff          this process's engine against `model` (pi_0)
+    sample(rows, settings)          -> (records, stats)  records in the rows' order (process 0)
+    update_weights(model, version)  -> sync summary      every process: push the weights, verify
+    verify(model, version)          -> probe diff        this process's engine against `model` (pi_0)
     close()
 
-`generation.engines` chooses one implementation when the run is built; no step asks which:
+Weight versions. Once the probe proves an engine's weights, they are labelled `version`
+(`policy_version`: the run's name and the policy's round) and every sample records the label of
+the weights that drew it; the round's steps refuse samples whose label is not the policy's.
+
+`generation.backend` and `generation.engines` choose one implementation when the run is built; no
+step asks which:
 - process0 (`InProcessSampler`): process 0 owns the only engine and samples every prompt; the
   other processes hold none and only join the collective parts of a sync (gathers, probe forward).
+  With generation.backend: vllm_server that engine is a separate `vllm serve`, driven over HTTP
+  through vLLM's RL API (online_dpo/generation/vllm_server.py): the same sampler, another engine.
 - every_process (`PerProcessSampler`): each process owns an engine. Process 0 runs the steps
   that sample, and while it does the others serve its requests: each samples a contiguous shard
   of the prompts and process 0 gathers the records back in prompt order. Seeds are per prompt
@@ -51,11 +58,16 @@ class InProcessSampler:
     def sample(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
         return sample_records(self.models, self.generator, rows, settings)
 
-    def verify(self, model=None) -> float | None:
-        return verify_engine(self.models, self.generator, self.tolerance, model)
+    def verify(self, model=None, version: str | None = None) -> float | None:
+        return verify_engine(self.models, self.generator, self.tolerance, model, version)
 
-    def update_weights(self, model=None) -> dict:
-        return sync_and_verify(self.models, self.generator, self.tolerance, model)
+    def update_weights(self, model=None, version: str | None = None) -> dict:
+        return sync_and_verify(self.models, self.generator, self.tolerance, model, version)
+
+    def release(self) -> None:
+        """Before training: an engine in sleep mode frees its memory; the next sync wakes it."""
+        if self.generator is not None:
+            self.generator.release()
 
     def run_on_main(self, work) -> None:
         if self.procs.main:
@@ -66,6 +78,17 @@ class InProcessSampler:
             self.generator.close()
 
 
+class ServerSampler(InProcessSampler):
+    """generation.backend: vllm_server: process 0 drives a separate `vllm serve`. A server outlives
+    runs, so when a run starts it may hold another run's weights: verifying pi_0 first pushes pi_0
+    unless the server's weight label says it holds it already."""
+
+    def verify(self, model=None, version: str | None = None) -> float | None:
+        if self.generator is not None:
+            self.generator.ensure_weights(version, self.models.model_dir)
+        return super().verify(model, version)
+
+
 class SamplingError(RuntimeError):
     pass
 
@@ -73,12 +96,12 @@ class SamplingError(RuntimeError):
 class PerProcessSampler(InProcessSampler):
     """generation.engines: every_process: an engine on each process, each sampling its shard."""
 
-    def __init__(self, models, generator, tolerance: float, procs):
+    def __init__(self, models, generator, tolerance: float, procs, pi0_version: str | None = None):
         super().__init__(models, generator, tolerance, procs)
         self.rank = procs.state.process_index
         self.failed = False  # a sampling error raised on every process at once
         # A fresh engine holds pi_0: check every one now, while every process is here.
-        self._check([self._probe(models.pi0)[1]], "when built")
+        self._check([self._probe(models.pi0, version=pi0_version)[1]], "when built")
 
     # ------------------------------------------------------------------ sampling
 
@@ -136,22 +159,22 @@ class PerProcessSampler(InProcessSampler):
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, model=None) -> dict:
+    def update_weights(self, model=None, version: str | None = None) -> dict:
         """Every process: gather the weights (collective when sharded), load them into this
         process's engine, probe it; then every process checks every engine's probe."""
-        result, diff = self._probe(model, sync=True)
+        result, diff = self._probe(model, sync=True, version=version)
         diffs = self._check(gather_object([diff]), "after the weight sync")
         return {**result, "probe_max_abs_diff": max(diffs), "probe_tolerance": self.tolerance,
                 "probe_max_abs_diff_per_process": diffs}
 
-    def _probe(self, model, sync: bool = False) -> tuple[dict, float]:
+    def _probe(self, model, sync: bool = False, version: str | None = None) -> tuple[dict, float]:
         """This engine's probe difference; NaN when it is NaN (checked by every process later,
         so one failing process never leaves the others waiting in a collective)."""
         try:
             if sync:
-                result = sync_and_verify(self.models, self.generator, math.inf, model)
+                result = sync_and_verify(self.models, self.generator, math.inf, model, version)
                 return result, result["probe_max_abs_diff"]
-            return {}, verify_engine(self.models, self.generator, math.inf, model)
+            return {}, verify_engine(self.models, self.generator, math.inf, model, version)
         except WeightSyncError:  # at an infinite tolerance only a NaN difference raises
             return {}, math.nan
 
@@ -170,14 +193,36 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
-def build_sampler(recipe, models, procs) -> InProcessSampler:
+def policy_version(run_name: str, policy_round: int) -> str:
+    """The label of a run's policy after `policy_round` rounds of training (0: pi_0)."""
+    return f"{run_name}@round-{policy_round}"
+
+
+class StaleSampleError(RuntimeError):
+    pass
+
+
+def check_weight_versions(records: list[dict], expected: str, where: str) -> None:
+    """Refuse samples drawn by weights other than the policy's (before anything trains on them)."""
+    for record in records:
+        for sample in record["samples"]:
+            if sample.get("weight_version") != expected:
+                raise StaleSampleError(
+                    f"{where}: a sample was drawn by weights {sample.get('weight_version')!r}, not by the "
+                    f"policy {expected!r}; refusing it before training. The sampler holds stale or "
+                    "unverified weights (e.g. another trainer updated the server): rerun to re-sync.")
+
+
+def build_sampler(recipe, models, procs, run_dir=None) -> InProcessSampler:
     def generator():
-        return build_generator(recipe, models.model_dir, models.eos_ids, models.pad_id)
+        return build_generator(recipe, models.model_dir, models.eos_ids, models.pad_id, run_dir)
 
     tolerance = probe_tolerance(recipe)
     if recipe.generation.engines == "every_process":
         if recipe.generation.tensor_parallel_size > 1:
             raise ValueError("generation.engines: every_process runs one engine per process on that "
                              "process's device; it cannot use generation.tensor_parallel_size > 1")
-        return PerProcessSampler(models, generator(), tolerance, procs)
+        return PerProcessSampler(models, generator(), tolerance, procs, policy_version(recipe.name, 0))
+    if recipe.generation.backend == "vllm_server":
+        return ServerSampler(models, generator() if procs.main else None, tolerance, procs)
     return InProcessSampler(models, generator() if procs.main else None, tolerance, procs)

@@ -33,6 +33,7 @@ from online_dpo.generation.base import SamplingSettings
 from online_dpo.logprobs import score_sequences
 from online_dpo.pair_sources import add_replay
 from online_dpo.pairs import FAILED, KEPT, TIE, judge_samples
+from online_dpo.samplers import check_weight_versions, policy_version
 from online_dpo.schedules import next_beta
 
 
@@ -69,14 +70,17 @@ class RoundSteps:
             raise RuntimeError(f"internal: the sampler holds round {self.engine_round}, the policy is "
                                f"round {self.policy_round}, and no sync step ran")
         # Untrained: pi_0 has the policy's weights, and unlike a sharded policy it is whole here.
-        self.sampler.verify(self.models.pi0)
+        self.sampler.verify(self.models.pi0, self.version(0))
         self.engine_round = 0
 
     def sync_policy(self) -> dict:
         """Every process: the gather of sharded weights and the probe forward are collective."""
-        result = self.sampler.update_weights(self.trainer.policy)
+        result = self.sampler.update_weights(self.trainer.policy, self.version(self.policy_round))
         self.engine_round = self.policy_round
-        return result
+        return {**result, "weight_version": self.version(self.policy_round)}
+
+    def version(self, policy_round: int) -> str:
+        return policy_version(self.recipe.name, policy_round)
 
     def prompts_for_round(self, k: int) -> list[tuple[int, dict]]:
         """A seeded permutation of the training prompts, consumed in order and cycled. Round 0
@@ -90,7 +94,9 @@ class RoundSteps:
     def _sample(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
         self.ensure_engine_current()
         records, stats = self.sampler.sample(rows, settings)
-        return records, {**stats, "policy_round": self.policy_round}
+        check_weight_versions(records, self.version(self.policy_round), f"sampling for round {self.policy_round + 1}")
+        return records, {**stats, "policy_round": self.policy_round,
+                         "weight_version": self.version(self.policy_round)}
 
     def sample(self, k: int) -> dict:
         g = self.recipe.generation
@@ -186,6 +192,7 @@ class RoundSteps:
     def train(self, k: int) -> dict:
         if read_json(self.run_dir.round(k) / "pairs.json")["pairs"] == 0:
             return {"skipped": "no pairs this round", "train_pairs": 0, "optimizer_steps": 0}
+        self.sampler.release()  # generation.sleep: the engine's memory is the trainer's until the sync
         ds = datasets.load_from_disk(str(self.run_dir.round(k) / "pairs"))
         items = self.objective.items(ds)
         t0, hits = time.perf_counter(), self.reference_cache_hits
@@ -215,8 +222,9 @@ class RoundSteps:
 
     def sample_pi0_eval(self) -> None:
         """pi_0's held-out samples, judged against every later round's (round_0/)."""
-        self.sampler.verify(self.models.pi0)
+        self.sampler.verify(self.models.pi0, self.version(0))
         records, stats = self.sampler.sample(self.eval_rows, self._eval_settings())
+        check_weight_versions(records, self.version(0), "pi_0's held-out sampling")
         summary = sample_summary(records, self.eval_scorer)  # keeps each sample's eval_score in records
         write_jsonl(self.run_dir.round(0) / "pi0_eval_samples.jsonl", records)
         write_json(self.run_dir.round(0) / "pi0_eval.json", {**stats, **summary})

@@ -98,3 +98,45 @@ class VLLMServer:
             self.proc.kill()
             self.proc.wait()
         self.proc.stdout.close()
+
+
+class RouteServer:
+    """Answers GET/POST by path from a table {(method, path): (status, body_dict, delay_s)};
+    unknown paths get 404. For fault tests of an HTTP client's orchestration, beside the real
+    `vllm serve` tests (test_server_sampling.py)."""
+
+    def __init__(self, routes: dict):
+        self.routes = dict(routes)
+        self.calls: list[tuple[str, str]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self):
+                path = self.path.split("?")[0]
+                length = int(self.headers.get("Content-Length", 0) or 0)
+                if length:
+                    self.rfile.read(length)
+                server.calls.append((self.command, path))
+                status, body, delay = server.routes.get((self.command, path), (404, {"detail": "Not Found"}, 0))
+                time.sleep(delay)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(json.dumps(body).encode())
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = do_POST = _answer  # noqa: N815 - http.server's naming
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

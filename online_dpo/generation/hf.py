@@ -19,6 +19,7 @@ class HFGenerator:
         self.eos_token_ids = set(eos_token_ids)
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
+        self.weight_version: str | None = None
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
@@ -61,12 +62,19 @@ class HFGenerator:
                 if tok in self.eos_token_ids:
                     finished = True
                     break
-            completions.append(Completion("", ids, lps, finished))
+            completions.append(Completion("", ids, lps, finished, self.weight_version))
         return [completions[i * settings.n:(i + 1) * settings.n] for i in range(len(batch))]
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.model.load_state_dict(dict(named_tensors), strict=True)
+        self.weight_version = None
+
+    def release(self) -> None:
+        pass
+
+    def label_weights(self, version: str) -> None:
+        self.weight_version = version
 
     @torch.no_grad()
     def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:

@@ -81,7 +81,7 @@ def configure_vllm_env(kv_cache_gib: int) -> None:
 class VLLMGenerator:
     def __init__(self, model_dir: str, dtype: torch.dtype, seed: int, kv_cache_gib: int = 1,
                  gpu_memory_utilization: float = 0.4, max_model_len: int = 2048,
-                 tensor_parallel_size: int = 1, cpu_top_p_without_sort: bool = True):
+                 tensor_parallel_size: int = 1, cpu_top_p_without_sort: bool = True, sleep: bool = False):
         configure_vllm_env(kv_cache_gib)
         from vllm import LLM
 
@@ -105,9 +105,13 @@ class VLLMGenerator:
             max_num_batched_tokens=MAX_BATCHED_TOKENS,
             max_num_seqs=MAX_SEQS,
             **({"gpu_memory_utilization": gpu_memory_utilization} if on_cuda else {}),
+            **({"enable_sleep_mode": True} if sleep else {}),  # CUDA only: compat.check_launch
         )
+        self.weight_version: str | None = None
+        self.sleep, self.asleep = sleep, False
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
+        self._check_awake()
         results: list[list[Completion]] = []
         for batch in fit_batches(prompt_ids, settings.n):
             results.extend(self._generate(prompt_ids, batch, settings))
@@ -137,7 +141,7 @@ class VLLMGenerator:
             for o in out.outputs:
                 ids = list(o.token_ids)
                 logps = [step[tok].logprob for step, tok in zip(o.logprobs, ids)]
-                completions.append(Completion(o.text, ids, logps, o.finish_reason == "stop"))
+                completions.append(Completion(o.text, ids, logps, o.finish_reason == "stop", self.weight_version))
             results.append(completions)
         return results
 
@@ -147,14 +151,36 @@ class VLLMGenerator:
         # no file, no new engine. The worker reloads them; its harmless rotary warning is dropped
         # here (in-process) and by the worker extension (in a worker process).
         quiet_rotary_reload_warning()
+        if self.asleep:  # level 2 dropped the weights: wake their memory, load, then the KV cache
+            self.llm.wake_up(tags=["weights"])
         self.llm.collective_rpc("sync_weights", args=(list(named_tensors),))
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         # Cached KV blocks were computed with the old weights.
         self.llm.reset_prefix_cache()
+        self.weight_version = None
+
+    def release(self) -> None:
+        """generation.sleep: level 2 frees the weights and the KV cache; the trainer's next sync
+        brings the new weights, so nothing is kept (TRL, OpenRLHF and verl do the same)."""
+        if self.sleep and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep, self.weight_version = True, None
+
+    def _check_awake(self) -> None:
+        if self.asleep:
+            raise RuntimeError("internal: the vLLM engine is asleep (generation.sleep) and holds no weights; "
+                               "only a weight sync wakes it")
+
+    def label_weights(self, version: str) -> None:
+        self.weight_version = version
 
     def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        self._check_awake()
         ids = list(prompt_ids) + list(completion_ids)
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
         out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]

