@@ -33,8 +33,8 @@ class ServerLaunchConfig(Section):
     port: Int = Field(0, ge=0, lt=65536)
     """Port of the `vllm serve` that online-dpo starts; 0: a free one."""
     host: Str = "127.0.0.1"
-    devices: Str | None = None
-    """CUDA_VISIBLE_DEVICES for the server (e.g. "7": the sampler's own GPU); None: inherited."""
+    devices: Str | Int | None = None
+    """CUDA_VISIBLE_DEVICES for the server (e.g. 7, or "6,7"): the sampler's own GPUs; None: inherited."""
     args: list[Str] = Field(default_factory=list)
     """Extra `vllm serve` arguments, e.g. ["--tensor-parallel-size", "2"]."""
     startup_timeout_s: Float = Field(600, gt=0)

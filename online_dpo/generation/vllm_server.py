@@ -43,7 +43,7 @@ from online_dpo.generation.vllm_plugin import FILE_BACKEND
 UNVERIFIED = "online-dpo:unverified"  # the label of pushed weights until the probe proves them
 SERVER_HINT = ("start it with VLLM_SERVER_DEV_MODE=1 (vLLM's RL API) and the arguments --enable-scale-out "
                f"--weight-transfer-config '{{\"backend\": \"{FILE_BACKEND}\"}}', in an environment where "
-               "online-dpo is installed (docs/scale_out.md), or give generation.server.launch instead")
+               "online-dpo is installed (docs/scale-out.md), or give generation.server.launch instead")
 MAX_CONCURRENT_REQUESTS = 64
 
 
@@ -255,7 +255,7 @@ class LaunchedServer:
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the trainer's in-process setting, not the server's
         if cfg.devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = cfg.devices
+            env["CUDA_VISIBLE_DEVICES"] = str(cfg.devices)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
