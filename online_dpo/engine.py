@@ -183,4 +183,5 @@ def sync_and_verify(models: Models, generator: Generator | None, tolerance: floa
     seconds = time.perf_counter() - t0
     diff = verify_engine(models, generator, tolerance, model, version)
     return {"sync_seconds": seconds, "probe_max_abs_diff": diff, "probe_tolerance": tolerance,
-            "verify_seconds": time.perf_counter() - t0 - seconds, "tensors": len(state)}
+            "verify_seconds": time.perf_counter() - t0 - seconds, "tensors": len(state),
+            "bytes": sum(t.numel() * t.element_size() for t in state.values())}
