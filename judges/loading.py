@@ -90,18 +90,19 @@ def build_judge(target: str, kwargs: dict[str, Any]) -> PairwiseJudge | Pointwis
     raise JudgeLoadError(f"{target} built {type(judge).__name__}, which is not a judge")
 
 
-def build_judge_stack(cfg, cache_path=None):
+def build_judge_stack(cfg, cache_path=None, base=None):
     """The recipe's judge behind its fault-tolerance and bias-control layers.
 
     Returns (judge for pair selection, pointwise scorer or None). The scorer skips BothOrders:
-    a score does not depend on the order of anything.
+    a score does not depend on the order of anything. `base`: an instance of `cfg`'s judge built
+    already (a second stack over one reward model holds it in memory once).
     """
     import json
 
     from judges.bias import BothOrders
     from judges.reliable import JudgeCache, ReliableJudge
 
-    base = build_judge(cfg.target, cfg.kwargs)
+    base = build_judge(cfg.target, cfg.kwargs) if base is None else base
     fingerprint = json.dumps([cfg.target, cfg.kwargs], sort_keys=True, default=str)
     reliable = ReliableJudge(base, fingerprint=fingerprint, retries=cfg.retries,
                              timeout_s=cfg.timeout_s, backoff_s=cfg.backoff_s,

@@ -192,6 +192,18 @@ class ReferenceConfig(Section):
     """Keep pi_0's reference log-probs in ~/.cache/online_dpo/reference_logps, keyed by the model's
     bytes, dtype, library versions and token ids: a sweep on one offline dataset scores it once."""
 
+    @model_validator(mode="after")
+    def _keys_of_the_schedule(self):
+        # A key of another schedule would be ignored in silence (resolved recipes hold every key
+        # at its default, so only a changed value can tell that a user set it).
+        owners = {"swap_every_rounds": "swap", "ema_every_steps": "ema", "ema_rate": "ema"}
+        for key, owner in owners.items():
+            if owner != self.schedule and getattr(self, key) != type(self).model_fields[key].default:
+                raise PydanticCustomError("schedule_key", "reference.{key} is read by reference.schedule {owner} "
+                                          "only; this recipe has schedule {schedule}: remove it",
+                                          {"key": key, "owner": owner, "schedule": self.schedule})
+        return self
+
 
 class DataConfig(Section):
     prompts: Str

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from judges.loading import build_judge_stack
+from judges.loading import build_judge, build_judge_stack
 from online_dpo.artifacts import RunDir, write_json, write_text_atomic
 from online_dpo.checkpoints import build_checkpoints
 from online_dpo.config import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
@@ -139,9 +139,12 @@ class Run:
     def build_judges(self):
         """(training judge, eval judge, eval scorer); the eval judge defaults to the training one."""
         recipe = self.recipe
-        train_judge, _ = build_judge_stack(recipe.judge, self.dir / "judge_cache.jsonl")
-        eval_judge, eval_scorer = build_judge_stack(recipe.eval.judge or recipe.judge,
-                                                    self.dir / "eval_judge_cache.jsonl")
+        train_base = build_judge(recipe.judge.target, recipe.judge.kwargs)
+        train_judge, _ = build_judge_stack(recipe.judge, self.dir / "judge_cache.jsonl", base=train_base)
+        # Unset eval.judge: the training judge's own instance (a reward model is loaded once), behind
+        # its own cache and layers.
+        eval_judge, eval_scorer = build_judge_stack(recipe.eval.judge or recipe.judge, self.dir / "eval_judge_cache.jsonl",
+                                                    base=None if recipe.eval.judge else train_base)
         return train_judge, eval_judge, eval_scorer
 
     def build(self, judges, objective, train_rows, eval_rows) -> RoundSteps:

@@ -212,12 +212,13 @@ def test_range_boundaries_that_are_allowed():
     r = recipe_from_dict(minimal(
         generation={"gpu_memory_utilization": 1, "top_p": 1},
         loss={"beta_adapt_rate": 1, "nll_weight": 0},
-        train={"weight_decay": 0, "lora": {"dropout": 0}},
-        reference={"schedule": "fixed", "ema_rate": 1},
+        train={"weight_decay": 0},
+        reference={"schedule": "ema", "ema_rate": 1},
         data={"prompts": "p.jsonl", "eval_prompts": 1},
         judge={"target": "judges.rules:ConciseAnswerJudge", "max_failure_rate": 0, "retries": 0},
     ))
     assert r.generation.gpu_memory_utilization == 1.0 and r.reference.ema_rate == 1.0
+    assert recipe_from_dict(minimal(train={"lora": {"dropout": 0}}, reference={"schedule": "fixed"})).train.lora.dropout == 0
 
 
 # ---------------------------------------------------------------------------- compat.check_recipe
@@ -243,6 +244,11 @@ def test_range_boundaries_that_are_allowed():
          "pairs.replay_ratio: mode fully_online trains one optimizer step"),
         (minimal(mode="fully_online", data={"prompts": "p.jsonl"}, loss={"loss_type": "kto"}),
          "loss.loss_type: kto .* mode fully_online could not keep one optimizer step"),
+        # A key of another reference schedule would be ignored in silence.
+        (minimal(reference={"schedule": "ema", "swap_every_rounds": 2}),
+         "reference.swap_every_rounds is read by reference.schedule swap only; .* schedule ema"),
+        (minimal(reference={"schedule": "swap", "ema_rate": 0.5}), "reference.ema_rate is read by reference.schedule ema"),
+        (minimal(reference={"schedule": "fixed", "ema_every_steps": 4}), "reference.ema_every_steps .* schedule fixed"),
     ],
 )
 def test_combinations_are_refused_naming_the_keys(data, message):
@@ -257,6 +263,7 @@ def test_combinations_are_refused_naming_the_keys(data, message):
     minimal(mode="offline", data={"prompts": "p.jsonl", "pairs": "pairs.jsonl"}),
     minimal(train={"lora": {"rank": 4}}, reference={"schedule": "fixed"}),
     minimal(loss={"target_kl": 2.0}),
+    minimal(reference={"schedule": "ema", "ema_rate": 0.5, "ema_every_steps": 4, "swap_every_rounds": 1}),
 ])
 def test_combinations_that_are_fine(data):
     recipe_from_dict(data)

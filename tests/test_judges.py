@@ -244,3 +244,16 @@ def test_a_pointwise_judge_behind_both_orders_is_scored_not_compared():
     rec = judge_samples(BothOrders(reliable), ROW, ["aa", "a", "aaaa", "aaa"], "best_vs_worst", random.Random(0))
     assert rec["scores"] == [2.0, 1.0, 4.0, 3.0] and (rec["chosen"], rec["rejected"]) == (2, 1)
     assert rec["comparisons"] == [] and reliable.pop_stats()["judge_calls"] == 4
+
+
+def test_an_unset_eval_judge_shares_the_training_judge_instance(tiny_model_dir, prompts_file, tmp_path):
+    """A reward model as training judge is loaded once, not again for held-out evaluation."""
+    from online_dpo.config import recipe_from_dict
+    from online_dpo.run import Run
+    from tests.conftest import tiny_recipe_dict
+
+    shared = Run(recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path))).build_judges()
+    assert shared[1].inner is shared[0].inner and shared[2].inner is shared[0].inner
+    other = Run(recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path, **{
+        "eval.judge": {"target": "judges.rules:InformativeAnswerJudge"}}))).build_judges()
+    assert other[1].inner is not other[0].inner
