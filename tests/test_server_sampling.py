@@ -16,7 +16,6 @@ from online_dpo.engine import Models, WeightSyncError, sync_and_verify, verify_e
 from online_dpo.evaluation import sample_records
 from online_dpo.generation.base import SamplingSettings
 from online_dpo.generation.vllm_server import UNVERIFIED, LaunchedServer, build_server_generator
-from online_dpo.run import Run
 from online_dpo.samplers import StaleSampleError, check_weight_versions, policy_version
 from tests.conftest import REPO
 from tests.test_resume import run_cli
@@ -59,28 +58,6 @@ def rounds_of(run_dir):
     return out
 
 
-def test_a_server_run_equals_the_in_process_run(server, tmp_path):
-    """Same recipe, same seeds: the samples, their sampling log-probs, the pairs and the losses of a
-    2-round run on the server equal the in-process engine's. Seeds are per prompt in both."""
-    Run(recipe_from_dict(recipe_dict(tmp_path, "local"))).execute()
-    Run(recipe_from_dict(recipe_dict(tmp_path, "remote", on_server(server.url)))).execute()
-    local, remote = rounds_of(tmp_path / "local"), rounds_of(tmp_path / "remote")
-    for k, ((l_samples, l_train), (r_samples, r_train)) in enumerate(zip(local, remote), start=1):
-        assert [[s["token_ids"] for s in r["samples"]] for r in r_samples] == \
-               [[s["token_ids"] for s in r["samples"]] for r in l_samples], f"round {k} samples"
-        l_logps = torch.tensor([s["logp"] for r in l_samples for s in r["samples"]])
-        r_logps = torch.tensor([s["logp"] for r in r_samples for s in r["samples"]])
-        assert torch.allclose(l_logps, r_logps, atol=1e-3), (k, l_logps, r_logps)
-        assert r_train["train_pairs"] == l_train["train_pairs"] > 0
-        assert r_train["loss"] == pytest.approx(l_train["loss"], abs=1e-4)
-        # Every remote sample carries the version of the policy that drew it, read from the server.
-        assert {s["weight_version"] for r in r_samples for s in r["samples"]} == {policy_version("remote", k - 1)}
-        sync = json.loads((tmp_path / "remote" / f"round_{k}" / "sync.json").read_text())
-        assert sync["probe_max_abs_diff"] < 2e-3 and sync["weight_version"] == policy_version("remote", k)
-    # The weight files went through /dev/shm and none is left behind.
-    assert not list((tmp_path / "remote").rglob("*.safetensors.partial"))
-
-
 def test_the_probe_catches_a_skipped_and_a_corrupted_update(server, tmp_path):
     recipe = recipe_from_dict(recipe_dict(tmp_path, "probe", on_server(server.url)))
     models = Models(recipe)
@@ -118,42 +95,74 @@ def test_the_probe_catches_a_skipped_and_a_corrupted_update(server, tmp_path):
         generator.close()
 
 
-def test_a_server_killed_mid_round_fails_clearly_and_the_run_resumes_after_its_restart(server, smollm2_dir, tmp_path):
-    recipe = tmp_path / "remote.yaml"
-    recipe.write_text(yaml.safe_dump(recipe_dict(tmp_path / "runs", "killed", on_server(server.url, timeout_s=30))))
-    round1 = tmp_path / "runs" / "killed" / "round_1"
+def test_in_process_and_server_runs_killed_and_resumed_give_the_same_result(server, smollm2_dir, tmp_path):
+    """The real entry point, twice at the same seeds. In process: killed after round 1's training,
+    resumed. On the server: the server stopped mid-round 1 (a clear error at the sync, no hang),
+    restarted, the run resumed. Both finish, and the samples, their sampling log-probs, the pairs
+    and the losses of both rounds are the same: seeds are per prompt on both engines."""
+    runs = tmp_path / "runs"
+    local_recipe, remote_recipe = tmp_path / "local.yaml", tmp_path / "remote.yaml"
+    local_recipe.write_text(yaml.safe_dump(recipe_dict(runs, "local")))
+    remote_recipe.write_text(yaml.safe_dump(recipe_dict(runs, "remote", on_server(server.url, timeout_s=30))))
 
-    def kill_after_judging():
-        while not (round1 / "judge.json").exists():
+    killed = run_cli(local_recipe, kill_at="round_1/train")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    local1 = runs / "local" / "round_1"
+    trained = (local1 / "train.json").stat().st_mtime_ns
+    out = run_cli(local_recipe)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Round 1's training is kept, not redone: the fresh engine is synced to that checkpoint.
+    assert "resuming: policy from round_1/checkpoint" in out.stdout
+    assert (local1 / "train.json").stat().st_mtime_ns == trained
+
+    remote1 = runs / "remote" / "round_1"
+
+    def stop_after_judging():
+        while not (remote1 / "judge.json").exists():
             time.sleep(0.2)
         server.stop()  # the trainer is training; its next request is the weight sync
 
-    killer = threading.Thread(target=kill_after_judging, daemon=True)
+    killer = threading.Thread(target=stop_after_judging, daemon=True)
     killer.start()
-    failed = run_cli(recipe)  # the cli helper's own 900 s limit turns a hang into a test failure
+    failed = run_cli(remote_recipe)  # the cli helper's own 900 s limit turns a hang into a test failure
     killer.join(timeout=5)
     assert failed.returncode == 1, failed.stderr[-3000:]
     assert f"the vLLM server at {server.url}" in failed.stderr and "weight update" in failed.stderr
     assert "start the server again and rerun to resume" in failed.stderr
-    assert (round1 / "train.json").exists() and not (round1 / "sync.json").exists()
-    trained = (round1 / "train.json").read_text()
-    samples_mtime = (round1 / "samples.jsonl").stat().st_mtime_ns
+    assert (remote1 / "train.json").exists() and not (remote1 / "sync.json").exists()
+    trained = (remote1 / "train.json").read_text()
+    samples_mtime = (remote1 / "samples.jsonl").stat().st_mtime_ns
 
     port = int(server.url.rsplit(":", 1)[1])
     restarted = LaunchedServer(smollm2_dir, ServerLaunchConfig(port=port), dtype=torch.float32, kv_cache_gib=1,
                                log_path=tmp_path / "restarted.log")
     try:
-        resumed = run_cli(recipe)
+        resumed = run_cli(remote_recipe)
     finally:
         restarted.stop()
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # Finished work was kept; the restored policy was re-synced into the fresh server first.
-    assert (round1 / "train.json").read_text() == trained
-    assert (round1 / "samples.jsonl").stat().st_mtime_ns == samples_mtime
-    sync = json.loads((round1 / "sync.json").read_text())
-    assert sync["probe_max_abs_diff"] < 2e-3 and sync["weight_version"] == "killed@round-1"
-    rows = [json.loads(x) for x in (tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    assert (remote1 / "train.json").read_text() == trained
+    assert (remote1 / "samples.jsonl").stat().st_mtime_ns == samples_mtime
+
+    for name in ("local", "remote"):
+        rows = [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2] and rows[0]["reference_logps_from"] == "sampler"
+    local, remote = rounds_of(runs / "local"), rounds_of(runs / "remote")
+    for k, ((l_samples, l_train), (r_samples, r_train)) in enumerate(zip(local, remote), start=1):
+        assert [[s["token_ids"] for s in r["samples"]] for r in r_samples] == \
+               [[s["token_ids"] for s in r["samples"]] for r in l_samples], f"round {k} samples"
+        l_logps = torch.tensor([s["logp"] for r in l_samples for s in r["samples"]])
+        r_logps = torch.tensor([s["logp"] for r in r_samples for s in r["samples"]])
+        assert torch.allclose(l_logps, r_logps, atol=1e-3), (k, l_logps, r_logps)
+        assert r_train["train_pairs"] == l_train["train_pairs"] > 0
+        assert r_train["loss"] == pytest.approx(l_train["loss"], abs=1e-4)
+        # Every sample carries the version of the policy that drew it (the server's own report).
+        assert {s["weight_version"] for r in r_samples for s in r["samples"]} == {policy_version("remote", k - 1)}
+        for name in ("local", "remote"):
+            sync = json.loads((runs / name / f"round_{k}" / "sync.json").read_text())
+            assert sync["probe_max_abs_diff"] < 2e-3 and sync["weight_version"] == policy_version(name, k)
+    assert not list(runs.rglob("*.partial"))  # no half-written weight file left behind
 
 
 def test_a_launch_that_fails_names_the_server_log(smollm2_dir, tmp_path):

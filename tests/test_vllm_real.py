@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-import yaml
 
 from online_dpo.config import recipe_from_dict
 from online_dpo.engine import (
@@ -18,7 +17,6 @@ from online_dpo.generation.base import SamplingSettings
 from online_dpo.logprobs import batch_logps, collate, score_sequences
 from online_dpo.objectives import Pair
 from tests.conftest import REPO
-from tests.test_resume import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -111,28 +109,6 @@ def test_the_harmless_rotary_reload_warning_is_silenced_and_the_probe_passes(liv
     finally:
         logger.removeHandler(handler)
         install()
-
-
-def test_real_cli_round_with_kill_and_resume(tmp_path):
-    """The real entry point: SmolLM2, vLLM, one round killed after training, then resumed."""
-    recipe = tmp_path / "real.yaml"
-    recipe.write_text(yaml.safe_dump(real_recipe(tmp_path / "runs", rounds=2)))
-    killed = run_cli(recipe, kill_at="round_1/train")
-    assert killed.returncode == -9, killed.stderr[-3000:]
-    round1 = tmp_path / "runs" / "real" / "round_1"
-    assert (round1 / "train.json").exists() and not (round1 / "sync.json").exists()
-    trained = (round1 / "train.json").stat().st_mtime_ns
-    out = run_cli(recipe)
-    assert out.returncode == 0, out.stderr[-3000:]
-    # Round 1's training is kept, not redone: the fresh engine is synced to that checkpoint.
-    assert "resuming: policy from round_1/checkpoint" in out.stdout
-    assert (round1 / "train.json").stat().st_mtime_ns == trained
-    rows = [json.loads(x) for x in (tmp_path / "runs" / "real" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
-    sync = json.loads((tmp_path / "runs" / "real" / "round_1" / "sync.json").read_text())
-    assert sync["probe_max_abs_diff"] < sync["probe_tolerance"]
-    assert rows[0]["reference_logps_from"] == "sampler"
-    assert all(r["tokens_per_second"] > 0 for r in rows)
 
 
 def test_top_p_without_sort_samples_what_vllms_sort_samples(live, monkeypatch):
