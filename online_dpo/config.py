@@ -57,6 +57,8 @@ class ServerConfig(Section):
     def _one_server(self):
         if (self.url is None) == (self.launch is None):
             raise PydanticCustomError("server", "give exactly one of url (a running server) and launch (start one)")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise PydanticCustomError("server", "url must start with http:// or https://, got {url}", {"url": self.url})
         return self
 
 

@@ -184,4 +184,9 @@ def sync_and_verify(models: Models, generator: Generator | None, tolerance: floa
     diff = verify_engine(models, generator, tolerance, model, version)
     return {"sync_seconds": seconds, "probe_max_abs_diff": diff, "probe_tolerance": tolerance,
             "verify_seconds": time.perf_counter() - t0 - seconds, "tensors": len(state),
-            "bytes": sum(t.numel() * t.element_size() for t in state.values())}
+            "bytes": unique_nbytes(state)}
+
+
+def unique_nbytes(state: dict[str, torch.Tensor]) -> int:
+    """The bytes of a state dict's tensors, tied ones counted once."""
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())

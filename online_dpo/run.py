@@ -114,11 +114,15 @@ class Run:
             for k in range(1, recipe.rounds + 1):
                 if not procs.agree(self.run_dir.done(k, "metrics")):
                     self.run_round(k, [STEPS[name] for name in (*source.round_steps, *TRAINING)])
-        finally:
-            self.tracking.close()
-            self.steps.sampler.close()
-            for judge in {id(j): j for j in judges[:2] if j is not None}.values():
-                judge.close()  # an HTTP judge's pooled connections, a local judge's engine
+        finally:  # each closes even if the one before fails: a launched vLLM server must stop
+            try:
+                self.tracking.close()
+            finally:
+                try:
+                    self.steps.sampler.close()
+                finally:
+                    for judge in {id(j): j for j in judges[:2] if j is not None}.values():
+                        judge.close()  # an HTTP judge's pooled connections, a local judge's engine
         procs.barrier()
         return finish_run(self.dir, recipe.rounds) if self.main else []
 
@@ -157,18 +161,22 @@ class Run:
         trainer = DPOTrainer(models.policy, recipe.loss, recipe.train, models.pad_id, models.accelerator)
         # The engines: process 0's alone, or one per process (generation.engines).
         sampler = build_sampler(recipe, models, self.procs, self.dir)
-        pi0_cache = None  # pi_0 log-probs are cached across runs by process 0 alone
-        if self.main and recipe.reference.cache_logps:
-            pi0_cache = ReferenceLogpCache(model_fingerprint(
-                models.model_dir, dtype=next(models.policy.parameters()).dtype, device=models.device.type,
-                padding_free=models.padding_free))
-        self.tracking = build_tracking(recipe, self.run_dir, writer=self.main)  # opens lazily
-        return RoundSteps(
-            recipe, self.run_dir, models=models, trainer=trainer, sampler=sampler, judges=judges,
-            objective=objective, source=build_pair_source(recipe, objective, self.run_dir, models),
-            reference=build_reference(recipe, models, self.run_dir, checkpoints), checkpoints=checkpoints,
-            beta=build_beta(recipe.loss, self.run_dir), pi0_cache=pi0_cache,
-            train_rows=train_rows, eval_rows=eval_rows, policy_round=policy_round)
+        try:
+            pi0_cache = None  # pi_0 log-probs are cached across runs by process 0 alone
+            if self.main and recipe.reference.cache_logps:
+                pi0_cache = ReferenceLogpCache(model_fingerprint(
+                    models.model_dir, dtype=next(models.policy.parameters()).dtype, device=models.device.type,
+                    padding_free=models.padding_free))
+            self.tracking = build_tracking(recipe, self.run_dir, writer=self.main)  # opens lazily
+            return RoundSteps(
+                recipe, self.run_dir, models=models, trainer=trainer, sampler=sampler, judges=judges,
+                objective=objective, source=build_pair_source(recipe, objective, self.run_dir, models),
+                reference=build_reference(recipe, models, self.run_dir, checkpoints), checkpoints=checkpoints,
+                beta=build_beta(recipe.loss, self.run_dir), pi0_cache=pi0_cache,
+                train_rows=train_rows, eval_rows=eval_rows, policy_round=policy_round)
+        except BaseException:  # the engine (or a launched vLLM server) must not outlive a failed build
+            sampler.close()
+            raise
 
     def resume(self) -> None:
         """After the policy (restored in `build`): the reference, then the sampler's weights."""

@@ -31,9 +31,11 @@ step asks which:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
@@ -84,9 +86,19 @@ class ServerSampler(InProcessSampler):
     unless the server's weight label says it holds it already."""
 
     def verify(self, model=None, version: str | None = None) -> float | None:
-        if self.generator is not None:
-            self.generator.ensure_weights(version, self.models.model_dir)
-        return super().verify(model, version)
+        if self.generator is None:
+            return super().verify(model, version)
+        held = self.generator.holds(version)
+        if not held:
+            self.generator.load_model_folder(self.models.model_dir)
+        try:
+            return super().verify(model, version)
+        except WeightSyncError:
+            if not held:
+                raise
+            # Labelled pi_0 but not pi_0 (another run of the same name and folder updated it): push it.
+            self.generator.load_model_folder(self.models.model_dir)
+            return super().verify(model, version)
 
 
 class SamplingError(RuntimeError):
@@ -193,9 +205,14 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return rank * n // world, (rank + 1) * n // world
 
 
-def policy_version(run_name: str, policy_round: int) -> str:
-    """The label of a run's policy after `policy_round` rounds of training (0: pi_0)."""
-    return f"{run_name}@round-{policy_round}"
+def run_label(run_name: str, run_dir) -> str:
+    """A run's name and a hash of its folder: two runs that share a name (and a server) keep apart."""
+    return f"{run_name}#{hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:8]}"
+
+
+def policy_version(run: str, policy_round: int) -> str:
+    """The label of a run's policy (`run_label`) after `policy_round` rounds of training (0: pi_0)."""
+    return f"{run}@round-{policy_round}"
 
 
 class StaleSampleError(RuntimeError):
@@ -222,7 +239,8 @@ def build_sampler(recipe, models, procs, run_dir=None) -> InProcessSampler:
         if recipe.generation.tensor_parallel_size > 1:
             raise ValueError("generation.engines: every_process runs one engine per process on that "
                              "process's device; it cannot use generation.tensor_parallel_size > 1")
-        return PerProcessSampler(models, generator(), tolerance, procs, policy_version(recipe.name, 0))
+        return PerProcessSampler(models, generator(), tolerance, procs,
+                                 policy_version(run_label(recipe.name, run_dir or recipe.run_dir), 0))
     if recipe.generation.backend == "vllm_server":
         return ServerSampler(models, generator() if procs.main else None, tolerance, procs)
     return InProcessSampler(models, generator() if procs.main else None, tolerance, procs)

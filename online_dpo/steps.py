@@ -33,7 +33,7 @@ from online_dpo.generation.base import SamplingSettings
 from online_dpo.logprobs import score_sequences
 from online_dpo.pair_sources import add_replay
 from online_dpo.pairs import FAILED, KEPT, TIE, judge_samples
-from online_dpo.samplers import check_weight_versions, policy_version
+from online_dpo.samplers import check_weight_versions, policy_version, run_label
 from online_dpo.schedules import next_beta
 
 
@@ -80,7 +80,7 @@ class RoundSteps:
         return {**result, "weight_version": self.version(self.policy_round)}
 
     def version(self, policy_round: int) -> str:
-        return policy_version(self.recipe.name, policy_round)
+        return policy_version(run_label(self.recipe.name, self.run_dir.path), policy_round)
 
     def prompts_for_round(self, k: int) -> list[tuple[int, dict]]:
         """A seeded permutation of the training prompts, consumed in order and cycled. Round 0

@@ -101,9 +101,9 @@ class VLLMServer:
 
 
 class RouteServer:
-    """Answers GET/POST by path from a table {(method, path): (status, body_dict, delay_s)};
-    unknown paths get 404. For fault tests of an HTTP client's orchestration, beside the real
-    `vllm serve` tests (test_server_sampling.py)."""
+    """Answers GET/POST by path from a table {(method, path): (status, body_dict, delay_s)}, or a
+    list of such answers given in turn (the last repeats); unknown paths get 404. For fault tests of
+    an HTTP client's orchestration, beside the real `vllm serve` tests (test_server_sampling.py)."""
 
     def __init__(self, routes: dict):
         self.routes = dict(routes)
@@ -117,7 +117,10 @@ class RouteServer:
                 if length:
                     self.rfile.read(length)
                 server.calls.append((self.command, path))
-                status, body, delay = server.routes.get((self.command, path), (404, {"detail": "Not Found"}, 0))
+                answer = server.routes.get((self.command, path), (404, {"detail": "Not Found"}, 0))
+                if isinstance(answer, list):
+                    answer = answer.pop(0) if len(answer) > 1 else answer[0]
+                status, body, delay = answer
                 time.sleep(delay)
                 try:
                     self.send_response(status)

@@ -81,6 +81,7 @@ def test_a_run_pointed_where_nothing_listens_stops_with_the_url(tiny_model_dir, 
     ({"backend": "vllm", "server": {"url": "http://x:1"}}, "read by it alone"),
     ({"backend": "vllm_server", "server": {"url": "http://x:1", "launch": {}}}, "exactly one of url"),
     ({"backend": "vllm_server", "server": {}}, "exactly one of url"),
+    ({"backend": "vllm_server", "server": {"url": "10.0.0.7:8000"}}, "url must start with http://"),
     ({"backend": "vllm_server", "server": {"url": "http://x:1"}, "engines": "every_process"}, "use process0"),
     ({"backend": "vllm_server", "server": {"url": "http://x:1", "timeout": 3}}, "generation.server.timeout"),
     ({"backend": "transformers", "sleep": True}, "generation.sleep: only an in-process vLLM engine"),
@@ -104,3 +105,47 @@ def test_weights_travel_through_shm_for_a_local_server_and_the_run_folder_otherw
     assert default_transfer_dir(tmp_path, None, "a/b") == default_transfer_dir(tmp_path, "http://127.0.0.1:8000", "a/b")
     assert str(default_transfer_dir(tmp_path, "http://localhost:8000", "a/b")).startswith("/dev/shm/online-dpo/")
     assert default_transfer_dir(tmp_path, "http://10.1.2.3:8000", "a/b") == tmp_path / "weight_transfer"
+
+
+def test_an_update_left_open_by_a_killed_trainer_is_closed_and_the_weights_unlabelled_first(serve, tmp_path):
+    ok = (200, {}, 0)
+    server = serve({("POST", "/start_weight_update"): [
+        (500, {"error": "start_weight_update called while a weight update is already active"}, 0), ok]})
+    for path in ("/pause", "/update_weight_version", "/finish_weight_update", "/update_weights",
+                 "/reset_prefix_cache", "/resume"):
+        server.routes[("POST", path)] = ok
+    gen = client(server, tmp_path)
+    (tmp_path / "weights-stale.safetensors").write_bytes(b"left by a killed trainer")
+    gen = client(server, tmp_path)  # a fresh connection clears weight files left behind
+    assert not list(tmp_path.iterdir())
+    server.calls.clear()
+    gen.load_weights([("w", torch.ones(2))])
+    assert [path for _, path in server.calls] == [
+        "/pause", "/update_weight_version",  # unlabelled before anything can fail half-way
+        "/start_weight_update", "/finish_weight_update", "/start_weight_update",  # the open one closed
+        "/update_weights", "/finish_weight_update", "/reset_prefix_cache", "/resume"]
+    assert not list(tmp_path.iterdir())  # the weight file is gone once the server has read it
+
+
+def test_a_completion_without_a_weight_label_is_unlabelled_and_a_mixed_one_says_so():
+    choice = {"token_ids": [5, 2], "finish_reason": "stop", "logprobs": {"content": [{"logprob": -1.0}, {"logprob": -0.5}]}}
+    assert VLLMServerGenerator._completion(choice).weight_version is None
+    spans = [{"version": "a@round-1", "start": 0, "end": 1}, {"version": "a@round-2", "start": 1, "end": 2}]
+    assert VLLMServerGenerator._completion({**choice, "weight_versions": spans}).weight_version == "mixed:a@round-1,a@round-2"
+    one = VLLMServerGenerator._completion({**choice, "weight_versions": spans[:1]})
+    assert (one.weight_version, one.logprobs, one.finished) == ("a@round-1", [-1.0, -0.5], True)
+
+
+def test_samples_from_weights_not_labelled_as_the_policy_are_refused_before_training(
+        tiny_model_dir, prompts_file, tmp_path, monkeypatch):
+    """The steps check every sample's weight label, whatever the engine (here transformers)."""
+    from online_dpo.generation.hf import HFGenerator
+    from online_dpo.samplers import StaleSampleError
+
+    label = HFGenerator.label_weights
+    monkeypatch.setattr(HFGenerator, "label_weights", lambda self, version: label(self, version.replace("round-1", "round-0")))
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path, **{"eval.every": 0}))
+    with pytest.raises(StaleSampleError, match="drawn by weights '.*@round-0', not by the policy '.*@round-1'"):
+        Run(recipe).execute()
+    run = tmp_path / "tiny"
+    assert (run / "round_1" / "sync.json").exists() and not (run / "round_2" / "samples.jsonl").exists()

@@ -15,8 +15,14 @@ from online_dpo.config import ServerLaunchConfig, recipe_from_dict
 from online_dpo.engine import Models, WeightSyncError, sync_and_verify, verify_engine
 from online_dpo.evaluation import sample_records
 from online_dpo.generation.base import SamplingSettings
-from online_dpo.generation.vllm_server import UNVERIFIED, LaunchedServer, build_server_generator
-from online_dpo.samplers import StaleSampleError, check_weight_versions, policy_version
+from online_dpo.generation.vllm_server import (
+    UNVERIFIED,
+    LaunchedServer,
+    ServerError,
+    build_server_generator,
+    default_transfer_dir,
+)
+from online_dpo.samplers import StaleSampleError, check_weight_versions, policy_version, run_label
 from tests.conftest import REPO
 from tests.test_resume import run_cli
 
@@ -63,7 +69,8 @@ def test_the_probe_catches_a_skipped_and_a_corrupted_update(server, tmp_path):
     models = Models(recipe)
     generator = build_server_generator(recipe, models.model_dir, torch.float32, tmp_path)
     try:
-        generator.ensure_weights("probe@round-0", models.model_dir)
+        assert not generator.holds("probe@round-0")
+        generator.load_model_folder(models.model_dir)
         assert verify_engine(models, generator, 2e-3, models.pi0, "probe@round-0") < 2e-3
         settings = SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
         rows = [{"prompt": "Name a fruit."}]
@@ -158,16 +165,17 @@ def test_in_process_and_server_runs_killed_and_resumed_give_the_same_result(serv
         assert r_train["train_pairs"] == l_train["train_pairs"] > 0
         assert r_train["loss"] == pytest.approx(l_train["loss"], abs=1e-4)
         # Every sample carries the version of the policy that drew it (the server's own report).
-        assert {s["weight_version"] for r in r_samples for s in r["samples"]} == {policy_version("remote", k - 1)}
+        label = {name: run_label(name, runs / name) for name in ("local", "remote")}
+        assert {s["weight_version"] for r in r_samples for s in r["samples"]} == {policy_version(label["remote"], k - 1)}
         for name in ("local", "remote"):
             sync = json.loads((runs / name / f"round_{k}" / "sync.json").read_text())
-            assert sync["probe_max_abs_diff"] < 2e-3 and sync["weight_version"] == policy_version(name, k)
-    assert not list(runs.rglob("*.partial"))  # no half-written weight file left behind
+            assert sync["probe_max_abs_diff"] < 2e-3 and sync["weight_version"] == policy_version(label[name], k)
+    # The weights went through /dev/shm, and no weight file is left there.
+    transfer = default_transfer_dir(runs / "remote", server.url, "remote")
+    assert str(transfer).startswith("/dev/shm/") and transfer.is_dir() and not list(transfer.iterdir())
 
 
 def test_a_launch_that_fails_names_the_server_log(smollm2_dir, tmp_path):
-    from online_dpo.generation.vllm_server import ServerError
-
     cfg = ServerLaunchConfig(args=["--no-such-flag"], startup_timeout_s=120)
     with pytest.raises(ServerError, match="exited with code .* while starting; its log"):
         LaunchedServer(smollm2_dir, cfg, dtype=torch.float32, kv_cache_gib=1, log_path=tmp_path / "bad.log")

