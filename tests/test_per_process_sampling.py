@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from online_dpo.samplers import shard_bounds
+from online_dpo.samplers import policy_version, run_label, shard_bounds
 from tests.conftest import REPO, build_tiny_llama, tiny_recipe_dict
 
 
@@ -115,9 +115,13 @@ def test_an_engine_per_process_samples_what_one_process_samples(vllm_tiny_dir, p
     def read(name, path):
         return [json.loads(x) for x in (runs / name / path).read_text().splitlines()]
 
-    # pi_0 in every engine: the files are byte for byte the one-process run's.
+    # pi_0 in every engine: the files are byte for byte the one-process run's, but for the weight
+    # label, which names each run; every sample of the two processes carries their run's pi_0 label.
+    labels = {name: policy_version(run_label(name, runs / name), 0) for name in ("one", "two")}
     for path in ("round_1/samples.jsonl", "round_0/pi0_eval_samples.jsonl"):
-        assert (runs / "one" / path).read_text() == (runs / "two" / path).read_text(), path
+        two = (runs / "two" / path).read_text()
+        assert two.count(labels["two"]) == sum(len(r["samples"]) for r in read("two", path)), path
+        assert (runs / "one" / path).read_text() == two.replace(labels["two"], labels["one"]), path
     for path in ("round_2/samples.jsonl", "round_1/eval_samples.jsonl", "round_2/eval_samples.jsonl"):
         # The same tokens. Trained by 2 processes, the policy differs from one process's by the
         # gradient all-reduce's float rounding (~1e-6), and so do the sampled tokens' log-probs.
