@@ -48,6 +48,7 @@ from online_dpo.config import (
     _recipe_error,
     load_recipe,
     read_yaml,
+    recipe_from_dict,
     recipe_to_dict,
 )
 from online_dpo.faults import cell_env
@@ -344,6 +345,10 @@ def arm_of(run_dir: str | Path) -> tuple[str, str]:
     recipe = read_yaml(path, "a run directory's recipe.yaml")  # RecipeError: a ValueError
     if not isinstance(recipe, dict):
         raise ValueError(f"{path}: expected a mapping")
+    try:  # with the defaults of keys added since the run was written: it is the same recipe
+        recipe = recipe_to_dict(recipe_from_dict(recipe))
+    except RecipeError:
+        pass  # a recipe of another version of online-dpo: compared as written
     entry = _sweep_entry(run_dir)
     if entry is not None and entry.get("arm_label"):
         label = str(entry["arm_label"])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from online_dpo.config import RecipeError
+from online_dpo.config import RecipeError, recipe_from_dict, recipe_to_dict
 from online_dpo.sweep import arm_of, parse_seeds, plan_seeds, plan_sweep
 from tests.conftest import cli, tiny_recipe_dict
 
@@ -172,3 +172,16 @@ def test_parse_seeds():
     assert parse_seeds("0, 1,2") == [0, 1, 2]
     with pytest.raises(RecipeError, match="--seeds: expected comma-separated integers"):
         parse_seeds("0,x")
+
+
+def test_a_run_written_before_a_key_existed_stays_in_its_arm(tmp_path):
+    """A recipe.yaml lacking a key added later (with its default) is the same recipe."""
+    full = recipe_to_dict(recipe_from_dict({"name": "a/seed0", "rounds": 2, "data": {"prompts": "p.jsonl"},
+                                            "judge": {"target": "judges.rules:ConciseAnswerJudge"}}))
+    older = {**full, "name": "a/seed1", "seed": 1,
+             "generation": {k: v for k, v in full["generation"].items() if k not in ("server", "sleep")}}
+    other = {**full, "name": "a/seed2", "seed": 2, "generation": {**full["generation"], "temperature": 0.5}}
+    for name, recipe in (("seed0", full), ("seed1", older), ("seed2", other)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert arm_of(tmp_path / "seed0") == arm_of(tmp_path / "seed1") != arm_of(tmp_path / "seed2")
