@@ -126,7 +126,7 @@ class RouteServer:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.end_headers()
-                    self.wfile.write(json.dumps(body).encode())
+                    self.wfile.write(body if isinstance(body, bytes) else json.dumps(body).encode())
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 

@@ -149,3 +149,9 @@ def test_samples_from_weights_not_labelled_as_the_policy_are_refused_before_trai
         Run(recipe).execute()
     run = tmp_path / "tiny"
     assert (run / "round_1" / "sync.json").exists() and not (run / "round_2" / "samples.jsonl").exists()
+
+
+def test_an_answer_that_is_not_json_is_named(serve, tmp_path):
+    server = serve({("POST", "/inference/v1/generate"): (200, b"<html>a proxy page</html>", 0)})
+    with pytest.raises(ServerError, match="scoring the probe answered with a body that is not JSON: .*proxy page"):
+        client(server, tmp_path).score([1], [2])

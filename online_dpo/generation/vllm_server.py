@@ -81,7 +81,11 @@ class VLLMServerGenerator:
                     403: "; the token API is disabled: restart the server with --enable-scale-out"}
             raise ServerError(f"{self.where}: {step} answered HTTP {response.status_code}: "
                               f"{response.text[:400]}{hint.get(response.status_code, '')}")
-        return response.json() if response.content else {}
+        try:
+            return response.json() if response.content else {}
+        except ValueError:
+            raise ServerError(f"{self.where}: {step} answered with a body that is not JSON: "
+                              f"{response.text[:200]!r}; is this a vLLM server?") from None
 
     def _exit_note(self) -> str:
         code = self.launched.exit_code() if self.launched else None
