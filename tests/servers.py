@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -13,11 +12,11 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from online_dpo.generation.vllm_server import free_port as launcher_free_port
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return launcher_free_port("127.0.0.1")  # the same helper online-dpo's server launcher uses
 
 
 def serve_in_thread(handler) -> ThreadingHTTPServer:
