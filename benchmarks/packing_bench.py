@@ -49,10 +49,10 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from online_dpo.logprobs import collate, completion_logps
-    from online_dpo.losses import token_logps
-    from online_dpo.models import ensure_smollm2_folder
-    from online_dpo.packing import pack, packed_logps
+    from online_dpo.storage.model_files import ensure_smollm2_folder
+    from online_dpo.training.logprobs import collate, completion_logps
+    from online_dpo.training.losses import token_logps
+    from online_dpo.training.packing import pack, packed_logps
 
     folder = args.random_init or ensure_smollm2_folder()
     tok = AutoTokenizer.from_pretrained(folder)

@@ -52,10 +52,11 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from online_dpo.config import load_recipe
-    from online_dpo.engine import Models, build_generator
-    from online_dpo.generation import top_p
-    from online_dpo.logprobs import completion_logps
+    from online_dpo.config.recipe import load_recipe
+    from online_dpo.sampling import top_p
+    from online_dpo.sampling.weight_sync import build_generator
+    from online_dpo.training.logprobs import completion_logps
+    from online_dpo.training.models import Models
 
     recipe = load_recipe(str(REPO / "recipes" / "concise_answers.yaml"), [])
     models = Models(recipe)

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/round_bench.py                      # 3 rounds of the quickstart
     .venv/bin/python benchmarks/round_bench.py --rounds 2 data.prompts_per_round=8
 
-Runs `online_dpo.run.Run(recipe).execute()` (vLLM sampling, the judge, DPO training, in-place
+Runs `online_dpo.pipeline.run.Run(recipe).execute()` (vLLM sampling, the judge, DPO training, in-place
 weight sync, evaluation) on a recipe (default `recipes/concise_answers.yaml`) with `name=bench` and
 `output_dir` set to a temporary folder, then reads the run's `metrics.jsonl`, each round's
 `train.json` and `pairs/` dataset, and prints per-round figures and their medians over rounds 2..N
@@ -185,8 +185,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from online_dpo.config import load_recipe
-    from online_dpo.run import Run
+    from online_dpo.config.recipe import load_recipe
+    from online_dpo.pipeline.run import Run
 
     matmul_before = matmul_throughput(sizes, args.matmul_reps)
     load_start = os.getloadavg()[0]

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sampling_bench.py                 # 16 prompts x n=4 x 64 tokens
     .venv/bin/python benchmarks/sampling_bench.py --repeats 2
 
-Both generators are built once through `online_dpo.engine.build_generator` from the same recipe
+Both generators are built once through `online_dpo.training.models.build_generator` from the same recipe
 (default `recipes/concise_answers.yaml`), differing only in `generation.backend` (vllm / transformers),
 and get the same chat-formatted prompt ids (`Models.prompt_ids`) and the same `SamplingSettings`.
 Then the same sampling call is timed on each, alternating A B A B for `--repeats` rounds.
@@ -93,9 +93,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from online_dpo.config import load_recipe
-    from online_dpo.engine import Models, build_generator
-    from online_dpo.generation.base import SamplingSettings
+    from online_dpo.config.recipe import load_recipe
+    from online_dpo.sampling.generator import SamplingSettings
+    from online_dpo.sampling.weight_sync import build_generator
+    from online_dpo.training.models import Models
 
     recipes = {side: load_recipe(args.recipe, [*args.overrides, f"generation.backend={backend}"])
                for side, backend in (("vllm", "vllm"), ("hf", "transformers"))}

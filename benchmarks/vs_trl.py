@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{TRL_PY} is missing: run `bash benchmarks/setup_trl_env.sh` first")
     if args.model is None:
         sys.path.insert(0, str(REPO))
-        from online_dpo.models import ensure_smollm2_folder
+        from online_dpo.storage.model_files import ensure_smollm2_folder
 
         args.model = str(ensure_smollm2_folder())
     logs = Path(args.logs) if args.logs else Path(tempfile.mkdtemp(prefix="vs_trl_logs_"))

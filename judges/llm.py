@@ -137,7 +137,7 @@ class LocalBackend:
     """A local model in-process, greedy decoding with its own chat template."""
 
     def __init__(self, engine: str, model: str, max_tokens: int):
-        from online_dpo.models import resolve_model_path
+        from online_dpo.storage.model_files import resolve_model_path
 
         self.engine = engine
         self.max_tokens = max_tokens
@@ -146,7 +146,7 @@ class LocalBackend:
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if engine == "vllm":
-            from online_dpo.generation.vllm_engine import configure_vllm_env
+            from online_dpo.sampling.vllm_engine import configure_vllm_env
 
             configure_vllm_env(kv_cache_gib=1)
             from vllm import LLM

@@ -27,7 +27,7 @@ from judges.protocol import (
     Preference,
     Row,
 )
-from online_dpo.store import JsonlStore
+from online_dpo.storage.jsonl_store import JsonlStore
 
 # Successful answers, appended one line at a time so a killed run keeps what it paid for.
 JudgeCache = JsonlStore

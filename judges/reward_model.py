@@ -32,7 +32,7 @@ class RewardModelJudge:
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, dtype: str = "auto"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from online_dpo.models import default_device, torch_dtype
+        from online_dpo.storage.model_files import default_device, torch_dtype
 
         if not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"reward model {path!r} is not a local HF model folder")

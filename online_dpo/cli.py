@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     rm.add_argument("--eval-fraction", type=float, default=0.2)
     rm.add_argument("--seed", type=int, default=0)
     ev = sub.add_parser("eval", help="win rates, judge score, KL to pi0, length of a run's policy")
-    from online_dpo import eval_cli
+    from online_dpo.analysis import eval_command as eval_cli
 
     eval_cli.add_arguments(ev)
     ev.add_argument("--threads", type=int, help="CPU threads for torch and vLLM")
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from judges.loading import JudgeLoadError
     from judges.protocol import JudgeConfigError
-    from online_dpo.config import RecipeError, load_recipe
-    from online_dpo.data import DatasetError
+    from online_dpo.config.recipe import RecipeError, load_recipe
+    from online_dpo.data.prompts import DatasetError
 
     try:
         if args.command == "train-rm":
@@ -85,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return eval_cli.main(args)
         if args.command == "compare":
-            from online_dpo import compare
+            from online_dpo.analysis import compare_command as compare
 
             return compare.main([*args.runs, "--out", args.out, "--detect", str(args.detect)])
         if args.command == "sweep" or args.seeds is not None:
             return _sweep(args)
         recipe = load_recipe(args.recipe, args.overrides)
-        from online_dpo.run import run_recipe
+        from online_dpo.pipeline.run import run_recipe
 
         run_recipe(recipe)
     except (RecipeError, DatasetError, JudgeLoadError, JudgeConfigError, FileNotFoundError) as e:
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sweep(args) -> int:
-    from online_dpo import sweep
+    from online_dpo.analysis import sweep
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("online-dpo: error: a sweep launches its runs itself; run it without accelerate launch")
@@ -113,7 +113,7 @@ def _sweep(args) -> int:
 def _train_rm(args) -> int:
     import json
 
-    from online_dpo.reward_training import train_reward_model
+    from online_dpo.training.reward_model_training import train_reward_model
 
     metrics = train_reward_model(args.pairs, args.base, args.out, epochs=args.epochs, lr=args.lr,
                                  batch_pairs=args.batch_pairs, eval_fraction=args.eval_fraction,

@@ -33,7 +33,7 @@ def cli(*args, kill_at=None, cwd=None, env=None):
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from online_dpo.models import ensure_smollm2_folder
+    from online_dpo.storage.model_files import ensure_smollm2_folder
 
     return ensure_smollm2_folder()
 

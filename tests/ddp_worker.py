@@ -13,9 +13,9 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from online_dpo.config import LossConfig, TrainConfig
-from online_dpo.objectives import Pair, PreferenceObjective
-from online_dpo.trainer import DPOTrainer
+from online_dpo.config.recipe import LossConfig, TrainConfig
+from online_dpo.pipeline.objectives import Pair, PreferenceObjective
+from online_dpo.training.trainer import DPOTrainer
 
 
 class RecordingTrainer(DPOTrainer):

@@ -13,7 +13,7 @@ import sys
 import accelerate
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 
-import online_dpo.engine
+import online_dpo.training.models
 from online_dpo.cli import main
 
 
@@ -32,5 +32,5 @@ def deepspeed_on_cpu(**kwargs) -> accelerate.Accelerator:
 
 
 if __name__ == "__main__":
-    online_dpo.engine.Accelerator = deepspeed_on_cpu
+    online_dpo.training.models.Accelerator = deepspeed_on_cpu
     sys.exit(main(sys.argv[1:]))

@@ -12,7 +12,7 @@ import sys
 import accelerate
 from accelerate.utils import DistributedType
 
-import online_dpo.engine
+import online_dpo.training.models
 from online_dpo.cli import main
 
 
@@ -28,5 +28,5 @@ def fsdp_on_cpu(**kwargs) -> accelerate.Accelerator:
 
 
 if __name__ == "__main__":
-    online_dpo.engine.Accelerator = fsdp_on_cpu
+    online_dpo.training.models.Accelerator = fsdp_on_cpu
     sys.exit(main(sys.argv[1:]))

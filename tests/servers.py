@@ -12,7 +12,7 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from online_dpo.generation.vllm_server import free_port as launcher_free_port
+from online_dpo.sampling.vllm_server import free_port as launcher_free_port
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from online_dpo.compare import (
+from online_dpo.analysis.compare_command import (
     budget_warnings,
     budgets,
     compare,

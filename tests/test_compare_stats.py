@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import yaml
 
-from online_dpo.compare import compare, load_run
-from online_dpo.compare_stats import (
+from online_dpo.analysis.compare_command import compare, load_run
+from online_dpo.analysis.run_comparison import (
     arm_groups,
     arms_figure,
     arms_summary,

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from online_dpo.config import (
+from online_dpo.config.recipe import (
     GenerationConfig,
     Recipe,
     RecipeError,
@@ -41,7 +41,7 @@ PAIRWISE = {"target": "tests.test_config:PairwiseOnly"}
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_recipe_loads_and_resolves_its_judges(path, monkeypatch):
     import judges.loading
-    import online_dpo.compat
+    import online_dpo.config.compat
 
     resolved = []
     real = judges.loading.validate_judge_target
@@ -50,7 +50,7 @@ def test_every_shipped_recipe_loads_and_resolves_its_judges(path, monkeypatch):
         resolved.append(target)
         return real(target, kwargs)
 
-    monkeypatch.setattr(online_dpo.compat, "validate_judge_target", spy)
+    monkeypatch.setattr(online_dpo.config.compat, "validate_judge_target", spy)
     recipe = load_recipe(path)
     assert isinstance(recipe, Recipe)
     assert Path(recipe.data.prompts).exists(), "recipe data paths resolve relative to the recipe"

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 SCRIPT = r'''
 import sys, tempfile, warnings
 
-import online_dpo.distributed  # noqa: F401  (what every training path imports)
+import online_dpo.training.distributed  # noqa: F401  (what every training path imports)
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -27,7 +27,7 @@ with tempfile.TemporaryDirectory() as tmp:
     model.save_pretrained(tmp)
 print("deepspeed imported:", "deepspeed" in sys.modules)
 
-from online_dpo.generation.vllm_engine import configure_vllm_env
+from online_dpo.sampling.vllm_engine import configure_vllm_env
 try:
     from vllm.triton_utils.dispatcher import _rebind_kernels
 except ImportError:

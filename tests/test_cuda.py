@@ -10,13 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from online_dpo.config import recipe_from_dict
-from online_dpo.engine import Models, build_generator, probe_tolerance, verify_engine
-from online_dpo.logprobs import collate
-from online_dpo.losses import dpo_loss, sequence_logps
-from online_dpo.objectives import Pair, PreferenceObjective, pair_sequences
-from online_dpo.run import Run
-from online_dpo.trainer import DPOTrainer
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.pipeline.objectives import Pair, PreferenceObjective, pair_sequences
+from online_dpo.pipeline.run import Run
+from online_dpo.sampling.weight_sync import build_generator, probe_tolerance, verify_engine
+from online_dpo.training.logprobs import collate
+from online_dpo.training.losses import dpo_loss, sequence_logps
+from online_dpo.training.models import Models
+from online_dpo.training.trainer import DPOTrainer
 from tests.conftest import tiny_recipe_dict
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from judges import Preference
-from online_dpo.config import recipe_from_dict
-from online_dpo.run import Run
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.pipeline.run import Run
 from tests.conftest import REPO, tiny_recipe_dict
 
 

@@ -3,7 +3,7 @@ import json
 import datasets
 import pytest
 
-from online_dpo.data import DatasetError, load_prompt_rows, split_prompts
+from online_dpo.data.prompts import DatasetError, load_prompt_rows, split_prompts
 
 
 def test_jsonl_and_save_to_disk_and_conversational(tmp_path):
@@ -48,7 +48,7 @@ def test_split_keeps_eval_prompts_out_of_training():
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "save_to_disk"])
 def test_preference_data_in_every_format(tmp_path, fmt):
-    from online_dpo.offline import load_preference_rows
+    from online_dpo.data.offline_pairs import load_preference_rows
 
     ds = datasets.Dataset.from_dict({"prompt": ["Hi?", "Yo?"], "chosen": ["Hello.", "Hey."],
                                      "rejected": ["Go away.", "No."]})
@@ -62,7 +62,7 @@ def test_preference_data_in_every_format(tmp_path, fmt):
 
 
 def test_preference_data_errors_name_column_and_row(tmp_path):
-    from online_dpo.offline import load_preference_rows
+    from online_dpo.data.offline_pairs import load_preference_rows
 
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "chosen": "a"}) + "\n")

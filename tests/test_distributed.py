@@ -154,8 +154,8 @@ def test_shipped_accelerate_configs_are_valid(name, kind):
 def test_the_recipe_drives_deepspeed_batch_settings():
     from types import SimpleNamespace
 
-    from online_dpo.config import TrainConfig
-    from online_dpo.distributed import prepare_deepspeed_config
+    from online_dpo.config.recipe import TrainConfig
+    from online_dpo.training.distributed import prepare_deepspeed_config
 
     def accelerator(config):
         return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)))
@@ -204,8 +204,8 @@ def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=Fals
     ("XLA", {}, {}, "not supported by the round pipeline"),
 ])
 def test_which_distributed_setups_the_pipeline_accepts(kind, settings, overrides, error):
-    from online_dpo.compat import check_launch
-    from online_dpo.config import recipe_from_dict
+    from online_dpo.config.compat import check_launch
+    from online_dpo.config.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(minimal(**overrides))
     if error is None:
@@ -216,8 +216,8 @@ def test_which_distributed_setups_the_pipeline_accepts(kind, settings, overrides
 
 
 def test_an_fsdp_config_on_cpu_warns_that_it_runs_data_parallel(monkeypatch, capsys):
-    from online_dpo.compat import check_launch
-    from online_dpo.config import recipe_from_dict
+    from online_dpo.config.compat import check_launch
+    from online_dpo.config.recipe import recipe_from_dict
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     recipe = recipe_from_dict(minimal())

@@ -15,7 +15,7 @@ MODULES = sorted(
 
 
 def test_found_modules():
-    assert "online_dpo.run" in MODULES and "judges.protocol" in MODULES
+    assert "online_dpo.pipeline.run" in MODULES and "judges.protocol" in MODULES
 
 
 @pytest.mark.parametrize("name", MODULES)

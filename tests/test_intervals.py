@@ -6,7 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from online_dpo.intervals import (
+from online_dpo.analysis.round_report import markdown_table, round_line
+from online_dpo.analysis.round_uncertainty import (
     alarm_message,
     eval_score_groups,
     gaming_alarm,
@@ -14,8 +15,7 @@ from online_dpo.intervals import (
     round_intervals,
     win_groups,
 )
-from online_dpo.reporting import markdown_table, round_line
-from online_dpo.stats import Interval, wilson
+from online_dpo.analysis.statistics import Interval, wilson
 
 RNG = np.random.default_rng(0)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from judges.loading import build_judge
-from online_dpo.config import load_recipe, recipe_from_dict, recipe_to_dict
-from online_dpo.run import Run
+from online_dpo.config.recipe import load_recipe, recipe_from_dict, recipe_to_dict
+from online_dpo.pipeline.run import Run
 from tests.conftest import REPO, tiny_recipe_dict
 
 

@@ -8,7 +8,7 @@ from judges.loading import JudgeLoadError, build_judge, validate_judge_target
 from judges.protocol import Judgment, PairwiseJudge, PointwiseAsPairwise, PointwiseJudge, Preference
 from judges.reliable import JudgeCache, ReliableJudge
 from judges.rules import ConciseAnswerJudge
-from online_dpo.pairs import FAILED, KEPT, TIE, judge_samples
+from online_dpo.pipeline.pair_selection import FAILED, KEPT, TIE, judge_samples
 
 ROW = {"prompt": "Tell me one interesting fact about volcanoes."}
 
@@ -248,8 +248,8 @@ def test_a_pointwise_judge_behind_both_orders_is_scored_not_compared():
 
 def test_an_unset_eval_judge_shares_the_training_judge_instance(tiny_model_dir, prompts_file, tmp_path):
     """A reward model as training judge is loaded once, not again for held-out evaluation."""
-    from online_dpo.config import recipe_from_dict
-    from online_dpo.run import Run
+    from online_dpo.config.recipe import recipe_from_dict
+    from online_dpo.pipeline.run import Run
     from tests.conftest import tiny_recipe_dict
 
     shared = Run(recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path))).build_judges()

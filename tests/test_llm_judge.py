@@ -9,8 +9,8 @@ from judges.bias import BothOrders
 from judges.llm import LLMJudge, VerdictParseError, _retry_after, parse_verdict
 from judges.protocol import JudgeConfigError, Preference
 from judges.reliable import MAX_RETRY_AFTER_S, ReliableJudge
-from online_dpo.config import recipe_from_dict
-from online_dpo.run import Run
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.pipeline.run import Run
 from tests.conftest import tiny_recipe_dict
 from tests.servers import ScriptedServer, VLLMServer, chat_reply, free_port
 

@@ -8,9 +8,9 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from online_dpo.config import RecipeError, recipe_from_dict
-from online_dpo.lora import merged_state_dict
-from online_dpo.run import Run
+from online_dpo.config.recipe import RecipeError, recipe_from_dict
+from online_dpo.pipeline.run import Run
+from online_dpo.training.lora import merged_state_dict
 from tests.conftest import cli, tiny_recipe_dict
 
 LORA = {"train.lora": {"rank": 4, "alpha": 8}, "reference.schedule": "fixed", "train.learning_rate": 5e-3}

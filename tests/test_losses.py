@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from online_dpo.losses import (
+from online_dpo.training.losses import (
     LossType,
     dpo_loss,
     kto_reference_point,
@@ -111,8 +111,8 @@ def test_kto_reference_point_from_mismatched_pairs_by_hand():
 def test_kto_objective_estimates_z0_on_mismatched_pairs_only():
     """z0 comes from (prompt_i, completion of the next example with another prompt), never from
     the example's own completion, so what the labels teach about y_i does not move its own z0."""
-    from online_dpo.config import LossConfig
-    from online_dpo.objectives import Example, KTOObjective, mismatched_partners
+    from online_dpo.config.recipe import LossConfig
+    from online_dpo.pipeline.objectives import Example, KTOObjective, mismatched_partners
 
     assert mismatched_partners([[1], [1], [2], [3]]) == [2, 2, 3, 0]
     assert mismatched_partners([[1], [1]]) == [None, None]

@@ -6,8 +6,8 @@ import json
 import datasets
 import pytest
 
-from online_dpo.config import RecipeError, recipe_from_dict
-from online_dpo.run import Run
+from online_dpo.config.recipe import RecipeError, recipe_from_dict
+from online_dpo.pipeline.run import Run
 from tests.conftest import tiny_recipe_dict
 
 MODES = ("online", "fully_online", "offline_from_pi0", "offline_dataset")

@@ -6,11 +6,12 @@ import datasets
 import pytest
 import torch
 
-from online_dpo.config import recipe_from_dict
-from online_dpo.logprobs import score_sequences
-from online_dpo.losses import kto_loss
-from online_dpo.run import Run
-from online_dpo.schedules import next_beta, soft_update
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.pipeline.beta_schedules import next_beta
+from online_dpo.pipeline.reference_schedules import soft_update
+from online_dpo.pipeline.run import Run
+from online_dpo.training.logprobs import score_sequences
+from online_dpo.training.losses import kto_loss
 from tests.conftest import cli, tiny_recipe_dict
 
 
@@ -42,14 +43,14 @@ def test_offline_dataset_errors_name_column_and_row(tiny_model_dir, prompts_file
                      + json.dumps({"prompt": "Hi", "chosen": "a", "rejected": []}) + "\n")
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", mode="offline",
                             **{"data.pairs": str(pairs)})
-    from online_dpo.data import DatasetError
+    from online_dpo.data.prompts import DatasetError
 
     with pytest.raises(DatasetError, match="row 1: column 'rejected' is empty"):
         run(data)
 
 
 def test_offline_pairs_sampled_once_from_pi0(tiny_model_dir, prompts_file, tmp_path):
-    from online_dpo.config import RecipeError
+    from online_dpo.config.recipe import RecipeError
 
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", mode="offline")
     r, rows = run(data)
@@ -180,14 +181,14 @@ def test_offline_kto_from_a_labelled_dataset(tiny_model_dir, prompts_file, tmp_p
     assert rows[0]["train_examples"] == 8 and rows[0]["reference_logps_from"] == "forward"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "x", "completion": "y", "label": "yes"}) + "\n")
-    from online_dpo.data import DatasetError
+    from online_dpo.data.prompts import DatasetError
 
     with pytest.raises(DatasetError, match="row 0: column 'label' must be true/false"):
         run({**data, "name": "bad", "data": {**data["data"], "pairs": str(bad)}})
 
 
 def test_kto_needs_a_pointwise_judge(tiny_model_dir, prompts_file, tmp_path):
-    from online_dpo.config import RecipeError
+    from online_dpo.config.recipe import RecipeError
 
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", loss={"loss_type": "kto"},
                             judge={"target": "tests.test_judges:PreferShorter"})

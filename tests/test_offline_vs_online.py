@@ -2,9 +2,9 @@
 
 import json
 
-from online_dpo.compare import budgets, load_run
-from online_dpo.config import load_recipe, recipe_to_dict
-from online_dpo.run import Run
+from online_dpo.analysis.compare_command import budgets, load_run
+from online_dpo.config.recipe import load_recipe, recipe_to_dict
+from online_dpo.pipeline.run import Run
 from tests.conftest import REPO, cli
 
 # A random tiny model never states a right answer: a rule judge decides its pairs instead.

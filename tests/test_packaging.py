@@ -22,7 +22,7 @@ ELSEWHERE = {
     "vllm": "requirements",
     # Only `accelerate launch` with a DeepSpeed config imports it: the `deepspeed` extra.
     "deepspeed": "extra:deepspeed",
-    # Only a recipe's report_to imports them (online_dpo/tracking.py): the `trackers` extra.
+    # Only a recipe's report_to imports them (online_dpo/analysis/trackers.py): the `trackers` extra.
     "wandb": "extra:trackers",
     "trackio": "extra:trackers",
     "mlflow": "extra:trackers",

@@ -7,18 +7,18 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
-from online_dpo.config import LossConfig, TrainConfig
-from online_dpo.logprobs import batch_logps, check_packing, collate, score_sequences
-from online_dpo.losses import sequence_logps
-from online_dpo.objectives import Pair, PreferenceObjective, pair_sequences
-from online_dpo.packing import (
+from online_dpo.config.recipe import LossConfig, TrainConfig
+from online_dpo.pipeline.objectives import Pair, PreferenceObjective, pair_sequences
+from online_dpo.training.logprobs import batch_logps, check_packing, collate, score_sequences
+from online_dpo.training.losses import sequence_logps
+from online_dpo.training.packing import (
     PackingUnsupportedError,
     assign_rows,
     output_head,
     pack,
     packed_logps,
 )
-from online_dpo.trainer import DPOTrainer
+from online_dpo.training.trainer import DPOTrainer
 
 
 def _sequences(n=9, seed=0):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from online_dpo.samplers import policy_version, run_label, shard_bounds
+from online_dpo.sampling.samplers import policy_version, run_label, shard_bounds
 from tests.conftest import REPO, build_tiny_llama, tiny_recipe_dict
 
 
@@ -26,8 +26,8 @@ def test_shards_are_contiguous_and_cover_every_prompt():
 def test_a_failed_probe_on_any_process_stops_every_process():
     """Each process checks every engine's gathered probe difference, so all raise together
     (none is left waiting in a collective); a NaN probe counts as failed."""
-    from online_dpo.engine import WeightSyncError
-    from online_dpo.samplers import PerProcessSampler
+    from online_dpo.sampling.samplers import PerProcessSampler
+    from online_dpo.sampling.weight_sync import WeightSyncError
 
     sampler = object.__new__(PerProcessSampler)  # the check alone: no engine, no process group
     sampler.tolerance = 2e-3
@@ -41,9 +41,9 @@ def test_a_sampling_error_on_a_process_is_raised_by_every_process(monkeypatch):
     """A process whose engine raises still reaches the gather with an error marker, so every
     process raises the same SamplingError instead of waiting in a collective for ever; process 0
     then does not broadcast the release the others no longer wait for."""
-    from online_dpo import samplers
-    from online_dpo.distributed import Processes
-    from online_dpo.generation.base import SamplingSettings
+    from online_dpo.sampling import samplers
+    from online_dpo.sampling.generator import SamplingSettings
+    from online_dpo.training.distributed import Processes
 
     def broken(*args, **kwargs):
         raise RuntimeError("engine died")
@@ -63,7 +63,7 @@ def test_a_sampling_error_on_a_process_is_raised_by_every_process(monkeypatch):
 
 
 def test_the_recipe_key_is_validated():
-    from online_dpo.config import RecipeError, recipe_from_dict
+    from online_dpo.config.recipe import RecipeError, recipe_from_dict
     from tests.test_config import minimal
 
     assert recipe_from_dict(minimal()).generation.engines == "process0"

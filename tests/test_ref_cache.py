@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from online_dpo.config import recipe_from_dict
-from online_dpo.ref_cache import ReferenceLogpCache, model_fingerprint
-from online_dpo.run import Run
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.pipeline.run import Run
+from online_dpo.storage.ref_cache import ReferenceLogpCache, model_fingerprint
 from tests.conftest import tiny_recipe_dict
 
 SEQS = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10]), ([1, 2, 3], [4, 6])]

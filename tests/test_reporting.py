@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from online_dpo.reporting import plot_run, run_figure
+from online_dpo.analysis.round_report import plot_run, run_figure
 
 ROWS = [
     {"round": 1, "judge_score": 1.0, "eval_judge_score": 1.1, "kl_to_reference": 0.0},

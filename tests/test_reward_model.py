@@ -7,10 +7,10 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
 from judges.reward_model import RewardModelJudge, format_for_reward_model
-from online_dpo.config import recipe_from_dict
-from online_dpo.data import DatasetError
-from online_dpo.reward_training import load_pairs
-from online_dpo.run import Run
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.data.prompts import DatasetError
+from online_dpo.pipeline.run import Run
+from online_dpo.training.reward_model_training import load_pairs
 from tests.conftest import REPO, cli, tiny_recipe_dict
 
 RM_TEMPLATE = ("{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'] }}\n{% endfor %}")

@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 
-from online_dpo.config import RecipeError, recipe_from_dict
-from online_dpo.generation.base import SamplingSettings
-from online_dpo.generation.vllm_server import ServerError, VLLMServerGenerator, default_transfer_dir
-from online_dpo.run import Run
+from online_dpo.config.recipe import RecipeError, recipe_from_dict
+from online_dpo.pipeline.run import Run
+from online_dpo.sampling.generator import SamplingSettings
+from online_dpo.sampling.vllm_server import ServerError, VLLMServerGenerator, default_transfer_dir
 from tests.conftest import tiny_recipe_dict
 from tests.servers import RouteServer, free_port
 
@@ -139,8 +139,8 @@ def test_a_completion_without_a_weight_label_is_unlabelled_and_a_mixed_one_says_
 def test_samples_from_weights_not_labelled_as_the_policy_are_refused_before_training(
         tiny_model_dir, prompts_file, tmp_path, monkeypatch):
     """The steps check every sample's weight label, whatever the engine (here transformers)."""
-    from online_dpo.generation.hf import HFGenerator
-    from online_dpo.samplers import StaleSampleError
+    from online_dpo.sampling.samplers import StaleSampleError
+    from online_dpo.sampling.transformers_generator import HFGenerator
 
     label = HFGenerator.label_weights
     monkeypatch.setattr(HFGenerator, "label_weights", lambda self, version: label(self, version.replace("round-1", "round-0")))

@@ -11,18 +11,24 @@ import pytest
 import torch
 import yaml
 
-from online_dpo.config import ServerLaunchConfig, recipe_from_dict
-from online_dpo.engine import Models, WeightSyncError, sync_and_verify, verify_engine
-from online_dpo.evaluation import sample_records
-from online_dpo.generation.base import SamplingSettings
-from online_dpo.generation.vllm_server import (
+from online_dpo.analysis.held_out import sample_records
+from online_dpo.config.recipe import ServerLaunchConfig, recipe_from_dict
+from online_dpo.sampling.generator import SamplingSettings
+from online_dpo.sampling.samplers import (
+    StaleSampleError,
+    check_weight_versions,
+    policy_version,
+    run_label,
+)
+from online_dpo.sampling.vllm_server import (
     UNVERIFIED,
     LaunchedServer,
     ServerError,
     build_server_generator,
     default_transfer_dir,
 )
-from online_dpo.samplers import StaleSampleError, check_weight_versions, policy_version, run_label
+from online_dpo.sampling.weight_sync import WeightSyncError, sync_and_verify, verify_engine
+from online_dpo.training.models import Models
 from tests.conftest import REPO
 from tests.test_resume import run_cli
 

@@ -5,10 +5,10 @@ for vLLM's LLM, plus the wiring in a real tiny run."""
 
 import pytest
 
-from online_dpo.config import recipe_from_dict
-from online_dpo.generation.hf import HFGenerator
-from online_dpo.generation.vllm_engine import VLLMGenerator
-from online_dpo.run import Run
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.pipeline.run import Run
+from online_dpo.sampling.transformers_generator import HFGenerator
+from online_dpo.sampling.vllm_engine import VLLMGenerator
 from tests.conftest import tiny_recipe_dict
 
 

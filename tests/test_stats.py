@@ -1,11 +1,11 @@
-"""online_dpo.stats against exact or analytic values."""
+"""online_dpo.analysis.statistics against exact or analytic values."""
 
 import math
 
 import numpy as np
 import pytest
 
-from online_dpo.stats import (
+from online_dpo.analysis.statistics import (
     Z_80,
     Z_975,
     bootstrap_mean,

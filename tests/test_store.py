@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from online_dpo.store import JsonlStore
+from online_dpo.storage.jsonl_store import JsonlStore
 
 
 def test_put_get_and_reload(tmp_path):

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from online_dpo.config import RecipeError, recipe_from_dict, recipe_to_dict
-from online_dpo.sweep import arm_of, parse_seeds, plan_seeds, plan_sweep
+from online_dpo.analysis.sweep import arm_of, parse_seeds, plan_seeds, plan_sweep
+from online_dpo.config.recipe import RecipeError, recipe_from_dict, recipe_to_dict
 from tests.conftest import cli, tiny_recipe_dict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from online_dpo.config import recipe_from_dict
-from online_dpo.engine import WeightSyncError, verify_engine
-from online_dpo.run import STEPS, Run
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.pipeline.run import STEPS, Run
+from online_dpo.sampling.weight_sync import WeightSyncError, verify_engine
 from tests.conftest import tiny_recipe_dict
 
 
@@ -74,7 +74,7 @@ def test_stale_sampler_is_detected(finished_run):
     run, _ = finished_run
     # The run closed its generator; a fresh one holds the base weights while the trainer holds
     # the round-2 policy. The probe must refuse it.
-    from online_dpo.engine import build_generator
+    from online_dpo.sampling.weight_sync import build_generator
 
     gen = build_generator(run.recipe, run.models.model_dir, run.models.eos_ids, run.models.pad_id)
     with pytest.raises(WeightSyncError, match="stale"):
@@ -93,7 +93,7 @@ def test_rerun_of_finished_run_redoes_nothing(finished_run):
 
 
 def test_changed_recipe_refuses_to_mix(finished_run):
-    from online_dpo.config import RecipeError
+    from online_dpo.config.recipe import RecipeError
 
     run, _ = finished_run
     changed = run.recipe.model_copy(update={"loss": run.recipe.loss.model_copy(update={"beta": 0.5})})
@@ -107,7 +107,7 @@ class AlwaysCrashes:
 
 
 def test_crashing_judge_stops_past_the_failure_ceiling(tiny_model_dir, prompts_file, tmp_path):
-    from online_dpo.run import JudgeFailureError
+    from online_dpo.pipeline.run import JudgeFailureError
 
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs",
                             judge={"target": "tests.test_tiny_run:AlwaysCrashes", "retries": 0,

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from online_dpo.generation import top_p
+from online_dpo.sampling import top_p
 
 sampler = pytest.importorskip("vllm.v1.sample.ops.topk_topp_sampler")
 

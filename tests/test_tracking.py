@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from online_dpo import tracking
-from online_dpo.artifacts import RunDir, read_json, write_json
-from online_dpo.config import RecipeError, recipe_from_dict
+from online_dpo.analysis import trackers as tracking
+from online_dpo.config.recipe import RecipeError, recipe_from_dict
+from online_dpo.storage.artifacts import RunDir, read_json, write_json
 from tests.conftest import REPO, cli, tiny_recipe_dict
 
 TRACKERS = ["tensorboard", "wandb", "trackio", "mlflow"]
@@ -46,7 +46,7 @@ def test_a_tracker_that_is_not_installed_is_refused_with_its_pip_command(tmp_pat
 
 
 def test_report_to_may_change_when_resuming(tmp_path):
-    from online_dpo.run import check_resolved_recipe
+    from online_dpo.pipeline.run import check_resolved_recipe
 
     base = tiny_recipe_dict("m", tmp_path / "p.jsonl", tmp_path)
     check_resolved_recipe(recipe_from_dict(base), tmp_path / "run")

@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from online_dpo.compare import compare
-from online_dpo.config import recipe_from_dict
-from online_dpo.run import Run
+from online_dpo.analysis.compare_command import compare
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.pipeline.run import Run
 from tests.conftest import tiny_recipe_dict
 
 
@@ -79,7 +79,7 @@ def test_compare_two_seeds_marks_significance_mde_and_their_arm(two_seeds, tmp_p
 
 
 def test_eval_command_reports_intervals_and_paired_difference(two_seeds):
-    from online_dpo.eval_cli import evaluate, to_markdown
+    from online_dpo.analysis.eval_command import evaluate, to_markdown
 
     (a, *_), (b, *_) = two_seeds
     result = evaluate(a.dir, None, ["pi0", str(b.dir)], None, None, 2)

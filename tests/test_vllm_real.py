@@ -5,17 +5,17 @@ import json
 import pytest
 import torch
 
-from online_dpo.config import recipe_from_dict
-from online_dpo.engine import (
-    Models,
+from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.pipeline.objectives import Pair
+from online_dpo.sampling.generator import SamplingSettings
+from online_dpo.sampling.weight_sync import (
     WeightSyncError,
     build_generator,
     sync_and_verify,
     verify_engine,
 )
-from online_dpo.generation.base import SamplingSettings
-from online_dpo.logprobs import batch_logps, collate, score_sequences
-from online_dpo.objectives import Pair
+from online_dpo.training.logprobs import batch_logps, collate, score_sequences
+from online_dpo.training.models import Models
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_the_harmless_rotary_reload_warning_is_silenced_and_the_probe_passes(liv
     exactly that record (nothing else from the logger), and the probe still proves the sync."""
     import logging
 
-    from online_dpo.generation import vllm_engine
+    from online_dpo.sampling import vllm_engine
 
     models, generator = live
     install = vllm_engine.quiet_rotary_reload_warning
@@ -113,7 +113,7 @@ def test_the_harmless_rotary_reload_warning_is_silenced_and_the_probe_passes(liv
 
 def test_top_p_without_sort_samples_what_vllms_sort_samples(live, monkeypatch):
     """Same seeds, same nucleus, same Gumbel noise: the same tokens with either top-p mask."""
-    from online_dpo.generation import top_p
+    from online_dpo.sampling import top_p
 
     models, generator = live
     rows = [json.loads(x) for x in (REPO / "recipes" / "data" / "prompts.jsonl").read_text().splitlines()]
@@ -146,7 +146,7 @@ def test_large_seeded_batches_do_not_crash(live):
 
 
 def test_fit_batches_bounds():
-    from online_dpo.generation.vllm_engine import fit_batches
+    from online_dpo.sampling.vllm_engine import fit_batches
 
     batches = fit_batches([[0] * 100] * 50, n=4, max_tokens=1000, max_seqs=12)
     assert [len(b) for b in batches] == [2] * 25  # 3 prompts x 4 = 12 seqs fit, but 1200 tokens don't

@@ -1,0 +1,1 @@
+"""The recipe: its schema and sections (pydantic), and the checks across sections."""

@@ -1,0 +1,1 @@
+"""Data: prompt datasets and offline preference pairs."""

@@ -1,0 +1,258 @@
+"""The steps of a round, each `step(k) -> summary dict` writing its artifacts under round_<k>/.
+
+    sample -> judge -> pairs -> train -> sync -> eval -> reference
+
+They work on the parts the run built once from the recipe (objective, pair source, reference
+schedule, checkpoints, sampler, judges) and never ask which mode the run is in. Process 0 runs
+every step; the others join only the steps that change or read their models (`run.py` says which)
+and hold no judge. Sampling goes through the run's sampler (online_dpo/sampling/samplers.py), which owns
+the engines wherever they are.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+
+from online_dpo.analysis.held_out import kl_estimate, sample_summary, win_rate
+from online_dpo.faults import maybe_kill
+from online_dpo.pipeline.pair_selection import FAILED, KEPT, TIE, judge_samples
+from online_dpo.pipeline.pair_sources import add_replay
+from online_dpo.sampling.generator import SamplingSettings
+from online_dpo.sampling.samplers import check_weight_versions, policy_version, run_label
+from online_dpo.sampling.weight_sync import probe_tolerance, sampler_dtype
+from online_dpo.storage.artifacts import (
+    RunDir,
+    read_json,
+    read_jsonl,
+    write_dir_atomic,
+    write_json,
+    write_jsonl,
+)
+from online_dpo.training.logprobs import score_sequences
+
+
+class JudgeFailureError(RuntimeError):
+    pass
+
+
+class ReferenceMismatchError(RuntimeError):
+    pass
+
+
+class RoundSteps:
+    def __init__(self, recipe, run_dir: RunDir, *, models, trainer, sampler, judges, objective,
+                 source, reference, checkpoints, beta, pi0_cache, train_rows, eval_rows, policy_round):
+        self.recipe, self.run_dir = recipe, run_dir
+        # The sampler (online_dpo/sampling/samplers.py) hides where the engines are: process 0 or each process.
+        self.models, self.trainer, self.sampler = models, trainer, sampler
+        # Process 0 only (None elsewhere): the training judge, the eval judge and its scorer.
+        self.judge_stack, self.eval_judge, self.eval_scorer = judges
+        self.objective, self.source, self.reference = objective, source, reference
+        self.checkpoints, self.beta, self.pi0_cache = checkpoints, beta, pi0_cache
+        self.train_rows, self.eval_rows = train_rows, eval_rows
+        self.policy_round = policy_round  # the round whose policy the trainer holds (0: pi_0)
+        self.engine_round: int | None = None  # the round whose policy the sampler holds, verified
+        self.reference_cache_hits = 0
+
+    # ------------------------------------------------------------------ sampling
+
+    def ensure_engine_current(self) -> None:
+        """The sampler must hold the trainer's current policy, verified, before it samples."""
+        if self.engine_round == self.policy_round:
+            return
+        if self.policy_round:  # a trained policy reaches the engine only through a sync step
+            raise RuntimeError(f"internal: the sampler holds round {self.engine_round}, the policy is "
+                               f"round {self.policy_round}, and no sync step ran")
+        # Untrained: pi_0 has the policy's weights, and unlike a sharded policy it is whole here.
+        self.sampler.verify(self.models.pi0, self.version(0))
+        self.engine_round = 0
+
+    def sync_policy(self) -> dict:
+        """Every process: the gather of sharded weights and the probe forward are collective."""
+        result = self.sampler.update_weights(self.trainer.policy, self.version(self.policy_round))
+        self.engine_round = self.policy_round
+        return {**result, "weight_version": self.version(self.policy_round)}
+
+    def version(self, policy_round: int) -> str:
+        return policy_version(run_label(self.recipe.name, self.run_dir.path), policy_round)
+
+    def prompts_for_round(self, k: int) -> list[tuple[int, dict]]:
+        """A seeded permutation of the training prompts, consumed in order and cycled. Round 0
+        (offline collection from pi_0) takes the prompts of every round at once."""
+        n, per = len(self.train_rows), self.recipe.data.prompts_per_round
+        order = list(range(n))
+        random.Random(self.recipe.seed).shuffle(order)
+        start, count = ((k - 1) * per, per) if k else (0, per * self.recipe.rounds)
+        return [(order[(start + i) % n], self.train_rows[order[(start + i) % n]]) for i in range(count)]
+
+    def _sample(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
+        self.ensure_engine_current()
+        records, stats = self.sampler.sample(rows, settings)
+        check_weight_versions(records, self.version(self.policy_round), f"sampling for round {self.policy_round + 1}")
+        return records, {**stats, "policy_round": self.policy_round,
+                         "weight_version": self.version(self.policy_round)}
+
+    def sample(self, k: int) -> dict:
+        g = self.recipe.generation
+        rows = self.prompts_for_round(k)
+        settings = SamplingSettings(g.samples_per_prompt, g.temperature, g.top_p, g.max_tokens,
+                                    seed=self.recipe.seed * 100_003 + k)
+        records, stats = self._sample([r for _, r in rows], settings)
+        for (index, _), rec in zip(rows, records, strict=True):
+            rec["prompt_index"] = index
+        write_jsonl(self.run_dir.round(k) / "samples.jsonl", records)
+        return {**stats, "prompts": len(rows)}
+
+    # ------------------------------------------------------------------ judging and pairs
+
+    def judge(self, k: int) -> dict:
+        records = read_jsonl(self.run_dir.round(k) / "samples.jsonl")
+        rng = random.Random(self.recipe.seed * 7919 + k)
+        pairs_cfg, judge_cfg = self.recipe.pairs, self.recipe.judge
+        judgments = []
+        for i, rec in enumerate(tqdm(records, desc=f"round {k} judge", leave=False)):
+            if i:
+                maybe_kill(f"round_{k}/judge_prompt_{i}")  # i prompts judged (and cached)
+            judgments.append(judge_samples(self.judge_stack, rec["row"], [s["text"] for s in rec["samples"]],
+                                           pairs_cfg.strategy, rng, pairs_cfg.max_length_ratio))
+        write_jsonl(self.run_dir.round(k) / "judgments.jsonl", judgments)
+        counts = {s: sum(j["status"] == s for j in judgments) for s in (KEPT, TIE, FAILED)}
+        if counts[FAILED] / max(len(judgments), 1) > judge_cfg.max_failure_rate:
+            reasons = sorted({j["reason"] for j in judgments if j["status"] == FAILED})[:3]
+            raise JudgeFailureError(
+                f"round {k}: judge failed on {counts[FAILED]}/{len(judgments)} prompts "
+                f"(> judge.max_failure_rate={judge_cfg.max_failure_rate}); e.g. {reasons}. "
+                f"Judgments are in {self.run_dir.round(k) / 'judgments.jsonl'}")
+        scores = [s for j in judgments for s in (j["scores"] or []) if s is not None]
+        kept = [(rec, j) for rec, j in zip(records, judgments, strict=True) if j["status"] == KEPT]
+        longer = [len(rec["samples"][j["chosen"]]["text"].split())
+                  > len(rec["samples"][j["rejected"]]["text"].split()) for rec, j in kept]
+        stats = {}
+        layer = self.judge_stack  # BothOrders -> ReliableJudge -> the user's judge: each may keep stats
+        while layer is not None:
+            if hasattr(layer, "pop_stats"):
+                stats.update(layer.pop_stats())
+            layer = getattr(layer, "inner", None)
+        return {"pairs_kept": counts[KEPT], "pairs_tied": counts[TIE], "pairs_failed": counts[FAILED],
+                "judge_score": sum(scores) / len(scores) if scores else None,
+                # How often the judge preferred the longer response: the classic length bias.
+                "judge_prefers_longer": sum(longer) / len(longer) if longer else None, **stats}
+
+    def pairs(self, k: int) -> dict:
+        columns = self.source.select(k)
+        fresh = len(columns["prompt"])
+        replayed = add_replay(self.run_dir, k, columns, self.recipe.pairs.replay_ratio, self.recipe.seed) if k else 0
+        if columns["prompt"]:  # datasets cannot reload a 0-row folder; pairs.json says 0 instead
+            ds = datasets.Dataset.from_dict(columns)
+            write_dir_atomic(self.run_dir.round(k) / "pairs", lambda tmp: ds.save_to_disk(str(tmp)))
+        return {**self.objective.describe(columns), "fresh_pairs": fresh, "replayed_pairs": replayed}
+
+    # ------------------------------------------------------------------ training
+
+    def score(self, model, sequences) -> torch.Tensor:
+        m = self.models
+        return score_sequences(model, sequences, m.pad_id, m.device, padding_free=m.padding_free)
+
+    def score_reference(self, sequences) -> torch.Tensor:
+        """A reference forward pass; pi_0's results come from (and go to) the cross-run cache."""
+        if self.pi0_cache is None or not self.reference.is_pi0:
+            return self.score(self.models.reference, sequences)
+        logps, hits = self.pi0_cache.score(sequences, lambda seqs: self.score(self.models.reference, seqs))
+        self.reference_cache_hits += hits
+        return logps
+
+    def reference_logps(self, k: int, items, ds) -> tuple[torch.Tensor, str]:
+        """The objective's reference log-probs; free where the reference itself sampled them."""
+        sequences = self.objective.reference_sequences(items)
+        logps, sampler_rounds = self.objective.sampler_logps(ds)
+        # Only a float32 sampler's log-probs are exact enough to stand in for a float32 forward.
+        exact = sampler_dtype(self.recipe) == torch.float32
+        reuse = [exact and self.reference.may_reuse_sampler(r) for r in sampler_rounds]
+        forward = [i for i, ok in enumerate(reuse) if not ok]
+        if forward:
+            logps[forward] = self.score_reference([sequences[i] for i in forward])
+        if len(forward) < len(sequences):  # check one reused value against a real forward pass
+            i = reuse.index(True)
+            diff = abs(self.score(self.models.reference, [sequences[i]]).item() - logps[i].item())
+            # The probe tolerance is per token; these are sums over whole completions.
+            tol = probe_tolerance(self.recipe) * len(sequences[i][1])
+            if diff > tol:
+                raise ReferenceMismatchError(
+                    f"round {k}: sampling log-probs differ from the reference by {diff:.3g} "
+                    f"(> {tol:g}) although the reference sampled them")
+        source = "forward" if len(forward) == len(sequences) else "sampler" if not forward else "mixed"
+        return logps, source
+
+    def train(self, k: int) -> dict:
+        if read_json(self.run_dir.round(k) / "pairs.json")["pairs"] == 0:
+            return {"skipped": "no pairs this round", "train_pairs": 0, "optimizer_steps": 0}
+        self.sampler.release()  # generation.sleep: the engine's memory is the trainer's until the sync
+        ds = datasets.load_from_disk(str(self.run_dir.round(k) / "pairs"))
+        items = self.objective.items(ds)
+        t0, hits = time.perf_counter(), self.reference_cache_hits
+        reference, source = self.reference_logps(k, items, ds)
+        ref_seconds = time.perf_counter() - t0
+        beta = self.beta.value(k)
+        metrics = self.trainer.train_round(self.objective, items, reference, seed=self.recipe.seed * 31 + k,
+                                           tag=f"round_{k}", beta=beta,
+                                           on_step=self.reference.step_hook(k, self.trainer.policy))
+        self.reference.after_training(k)
+        self.checkpoints.save_policy(k, self.trainer.policy)
+        self.policy_round = k
+        return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source,
+                "reference_cache_hits": self.reference_cache_hits - hits}
+
+    def sync(self, k: int) -> dict:
+        if self.policy_round != k:
+            return {"skipped": "policy unchanged this round"}
+        return self.sync_policy()
+
+    # ------------------------------------------------------------------ evaluation and reference
+
+    def _eval_settings(self) -> SamplingSettings:
+        # Temperature 1, top_p 1: true policy samples, so the KL estimates are valid.
+        return SamplingSettings(self.recipe.eval.samples_per_prompt, 1.0, 1.0, self.recipe.generation.max_tokens,
+                                seed=self.recipe.seed * 100_003 + 50_000)
+
+    def sample_pi0_eval(self) -> None:
+        """pi_0's held-out samples, judged against every later round's (round_0/)."""
+        self.sampler.verify(self.models.pi0, self.version(0))
+        records, stats = self.sampler.sample(self.eval_rows, self._eval_settings())
+        check_weight_versions(records, self.version(0), "pi_0's held-out sampling")
+        summary = sample_summary(records, self.eval_scorer)  # keeps each sample's eval_score in records
+        write_jsonl(self.run_dir.round(0) / "pi0_eval_samples.jsonl", records)
+        write_json(self.run_dir.round(0) / "pi0_eval.json", {**stats, **summary})
+
+    @torch.no_grad()
+    def evaluate(self, k: int) -> dict:
+        """Held-out prompts: eval-judge score, length, EOS rate, KL to the round's reference (before
+        any swap) and to pi_0, win rate against pi_0's samples, and adaptive beta's next value."""
+        every = self.recipe.eval.every
+        if k != self.recipe.rounds and (every == 0 or k % every):
+            return {"skipped": f"eval.every={every}"}
+        records, stats = self._sample(self.eval_rows, self._eval_settings())
+        m = self.models
+        kl_ref = kl_estimate(records, m.reference, m.pad_id, m.device, m.padding_free)
+        kl_pi0 = kl_ref if self.reference.is_pi0 else kl_estimate(records, m.pi0, m.pad_id, m.device, m.padding_free)
+        summary = sample_summary(records, self.eval_scorer)
+        result = {"eval_judge_score": summary["judge_score"], "eval_judge_score_ci": summary["judge_score_ci"],
+                  "eval_mean_length": summary["mean_length"],
+                  "eval_eos_rate": summary["eos_rate"], "kl_to_reference": kl_ref, "kl_to_pi0": kl_pi0,
+                  "eval_generation_seconds": stats["generation_seconds"]}
+        if self.recipe.eval.win_rate_vs_pi0:
+            wins = win_rate(self.eval_judge, records, read_jsonl(self.run_dir.round(0) / "pi0_eval_samples.jsonl"))
+            for rec, counts in zip(records, wins["per_prompt"], strict=True):
+                rec["vs_pi0"] = counts  # this prompt's wins/losses/ties/failed against pi_0
+            result.update(win_rate_vs_pi0=wins["win_rate"], win_rate_vs_pi0_ci=wins["win_rate_ci"],
+                          wins_vs_pi0=wins["wins"], losses_vs_pi0=wins["losses"], ties_vs_pi0=wins["ties"],
+                          win_tie_rate_vs_pi0=wins["tie_rate"], win_failed_vs_pi0=wins["failed"])
+        write_jsonl(self.run_dir.round(k) / "eval_samples.jsonl", records)  # with eval_score and vs_pi0
+        return {**result, **self.beta.after_eval(k, kl_ref)}
+
+    def update_reference(self, k: int) -> dict:
+        return self.reference.update(k, self.trainer.policy, self.policy_round)

@@ -1,0 +1,70 @@
+"""LoRA mode (peft): the policy is base + adapter; the reference is the same base, adapter off.
+
+The sampler and every checkpoint get *merged* weights (W + scale * B @ A computed on the side;
+the base weights are never merged in place, so the reference stays bit-exact pi_0), which keeps
+vLLM, `online-dpo eval` and a user's deployment unaware of the adapter. The adapter alone is
+saved beside each checkpoint for resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+
+from online_dpo.config.recipe import AdapterConfig
+
+ADAPTER_DIR = "adapter"
+
+
+def add_adapter(model, cfg: AdapterConfig):
+    peft_config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                             target_modules=cfg.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, peft_config)
+
+
+class AdapterDisabled(torch.nn.Module):
+    """The base model of a peft policy as a frozen module: forward runs with the adapter off."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self._peft = [peft_model]  # a list, so the policy is not registered as a submodule
+
+    def get_output_embeddings(self):
+        return self._peft[0].get_output_embeddings()
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad(), self._peft[0].disable_adapter():
+            return self._peft[0](*args, **kwargs)
+
+
+def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapter's delta added, under the base names."""
+    base = peft_model.get_base_model()
+    deltas = {f"{name}.weight": module.get_delta_weight(module.active_adapters[0])
+              for name, module in base.named_modules()
+              if isinstance(module, LoraLayer) and module.active_adapters}
+    merged = {}
+    for key, value in base.state_dict().items():
+        if ".lora_" in key:
+            continue
+        key = key.replace(".base_layer", "")
+        merged[key] = (value + deltas[key]).detach() if key in deltas else value
+    return merged
+
+
+def save_adapter(peft_model, folder: Path) -> None:
+    peft_model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
+
+
+def load_adapter(peft_model, checkpoint: Path) -> None:
+    path = checkpoint / ADAPTER_DIR / "adapter_model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"{checkpoint}: no {ADAPTER_DIR}/ to resume a LoRA run from")
+    result = set_peft_model_state_dict(peft_model, load_file(path))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{path}: adapter does not fit the policy (unexpected keys {unexpected[:3]})")
