@@ -2,7 +2,8 @@
 
 After every sync both the sampler and the trainer score one fixed probe sequence; any stale tensor
 in the sampler shows up as a log-prob mismatch, and the run stops instead of training on samples
-from the wrong policy.
+from the wrong policy. The probe text lives with the trainer's models (training/models.py:
+`Models.probe_ids`), so this module needs `Models` only as a type.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from online_dpo.storage.model_files import torch_dtype
 
 if TYPE_CHECKING:
     from online_dpo.training.models import Models
-
 
 
 class WeightSyncError(RuntimeError):

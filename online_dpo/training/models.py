@@ -18,8 +18,8 @@ from online_dpo.training.logprobs import check_packing
 from online_dpo.training.lora import AdapterDisabled, add_adapter, merged_state_dict
 from online_dpo.training.losses import token_logps
 
-# A fixed probe scored by both the trainer and the sampler after every sync. Any stale tensor in the sampler shows
-# up as a log-prob mismatch on these tokens.
+# A fixed probe scored by both the trainer and the sampler after every sync
+# (sampling/weight_sync.py). Any stale tensor in the sampler shows up as a log-prob mismatch.
 PROBE_PROMPT = "Name a colour you can see in the sky."
 PROBE_COMPLETION = "The sky is blue on a clear day, and orange or pink at sunset."
 
