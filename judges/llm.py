@@ -136,11 +136,11 @@ def _redact(text: str, key: str | None) -> str:
 class LocalBackend:
     """A local model in-process, greedy decoding with its own chat template."""
 
-    def __init__(self, engine: str, model: str, max_tokens: int):
+    def __init__(self, engine: str, model: str, max_tokens: int, max_model_len: int):
         from online_dpo.storage.model_files import resolve_model_path
 
         self.engine = engine
-        self.max_tokens = max_tokens
+        self.max_tokens, self.max_model_len = max_tokens, max_model_len
         path = resolve_model_path(model)
         from transformers import AutoTokenizer
 
@@ -151,7 +151,8 @@ class LocalBackend:
             configure_vllm_env(kv_cache_gib=1)
             from vllm import LLM
 
-            self.llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=2048)
+            self.llm = LLM(model=str(path), dtype="float32", enforce_eager=True,
+                           max_model_len=max_model_len)
         else:
             import torch
             from transformers import AutoModelForCausalLM
@@ -161,6 +162,9 @@ class LocalBackend:
     def complete(self, messages: list[dict]) -> str:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) + self.max_tokens > self.max_model_len:  # a judge failure, not an engine error
+            raise ValueError(f"LLMJudge: the judge prompt has {len(ids)} tokens; with max_tokens "
+                             f"{self.max_tokens} it exceeds max_model_len {self.max_model_len}")
         if self.engine == "vllm":
             from vllm import SamplingParams
             from vllm.inputs import TokensPrompt
@@ -186,7 +190,8 @@ class LLMJudge:
     def __init__(self, backend: str, model: str, template: str = DEFAULT_TEMPLATE,
                  base_url: str | None = None, api_key_env: str | None = None,
                  timeout_s: float = 60.0, temperature: float = 0.0, max_tokens: int = 8,
-                 system_prompt: str | None = None, extra_body: dict[str, Any] | None = None):
+                 system_prompt: str | None = None, extra_body: dict[str, Any] | None = None,
+                 max_model_len: int = 4096):
         for field in ("{prompt}", "{first}", "{second}"):
             if field not in template:
                 raise ValueError(f"LLMJudge template lacks {field}")
@@ -199,7 +204,7 @@ class LLMJudge:
                                            max_tokens, extra_body)
             self.backend._key()  # a missing key stops the run before any model loads
         elif backend in ("transformers", "vllm"):
-            self.backend = LocalBackend(backend, model, max_tokens)
+            self.backend = LocalBackend(backend, model, max_tokens, max_model_len)
         else:
             raise ValueError(f"LLMJudge backend must be http, transformers or vllm, got {backend!r}")
 

@@ -249,6 +249,10 @@ def test_range_boundaries_that_are_allowed():
          "reference.swap_every_rounds is read by reference.schedule swap only; .* schedule ema"),
         (minimal(reference={"schedule": "swap", "ema_rate": 0.5}), "reference.ema_rate is read by reference.schedule ema"),
         (minimal(reference={"schedule": "fixed", "ema_every_steps": 4}), "reference.ema_every_steps .* schedule fixed"),
+        (minimal(generation={"max_tokens": 512, "max_model_len": 512}),
+         "generation.max_tokens: 512 leaves no room for a prompt within generation.max_model_len 512"),
+        (minimal(data={"prompts": "p.jsonl", "max_prompt_tokens": 2000}),
+         "data.max_prompt_tokens: 2000 prompt tokens plus generation.max_tokens 64 exceed generation.max_model_len 2048"),
     ],
 )
 def test_combinations_are_refused_naming_the_keys(data, message):
@@ -263,6 +267,7 @@ def test_combinations_are_refused_naming_the_keys(data, message):
     minimal(mode="offline", data={"prompts": "p.jsonl", "pairs": "pairs.jsonl"}),
     minimal(train={"lora": {"rank": 4}}, reference={"schedule": "fixed"}),
     minimal(loss={"target_kl": 2.0}),
+    minimal(data={"prompts": "p.jsonl", "max_prompt_tokens": 1984}),
     minimal(reference={"schedule": "ema", "ema_rate": 0.5, "ema_every_steps": 4, "swap_every_rounds": 1}),
 ])
 def test_combinations_that_are_fine(data):

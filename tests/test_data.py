@@ -72,3 +72,19 @@ def test_preference_data_errors_name_column_and_row(tmp_path):
                     + json.dumps({"prompt": "", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(DatasetError, match="row 1: column 'prompt' is empty"):
         load_preference_rows(str(path))
+
+
+def test_prompts_too_long_for_the_sampler_are_dropped_and_counted(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from online_dpo.data.prompts import drop_long_prompts, prompt_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = [{"prompt": "Hi?"}, {"prompt": "word " * 300}, {"prompt": [{"role": "user", "content": "Yo?"}]}]
+    lengths = [len(prompt_token_ids(tokenizer, r["prompt"])) for r in rows]
+    assert lengths[1] > 300 > lengths[0]  # the chat template counts too
+    kept, dropped = drop_long_prompts(rows, tokenizer, limit=lengths[1] - 1, max_share=0.5, source="p.jsonl")
+    assert kept == [rows[0], rows[2]] and dropped == 1
+    assert drop_long_prompts(rows, tokenizer, limit=lengths[1], max_share=0.0, source="p.jsonl") == (rows, 0)
+    with pytest.raises(DatasetError, match=r"p.jsonl: 1 of 3 prompts are longer than .* data.max_dropped_share=0.2"):
+        drop_long_prompts(rows, tokenizer, limit=lengths[1] - 1, max_share=0.2, source="p.jsonl")

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.data.prompts import DatasetError
 from online_dpo.pipeline.run import STEPS, Run
 from online_dpo.sampling.weight_sync import WeightSyncError, verify_engine
 from tests.conftest import tiny_recipe_dict
@@ -146,3 +147,20 @@ def test_eval_every_n_rounds_and_always_the_last(tiny_model_dir, prompts_file, t
         assert row["judge_score"] is not None  # fresh samples are judged every round regardless
     assert "| - |" in (run.dir / "metrics.md").read_text()
     assert (run.dir / "plot.png").stat().st_size > 1000
+
+
+def test_a_prompt_longer_than_the_sampler_holds_is_dropped_not_sampled(tiny_model_dir, prompts_file, tmp_path):
+    long_prompt = "Tell me everything about " + "very " * 150 + "long things."
+    # First in the file: unfiltered, it would be a training prompt (the held-out ones are last).
+    prompts_file.write_text(json.dumps({"prompt": long_prompt}) + "\n" + prompts_file.read_text())
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=1,
+                            **{"generation.max_model_len": 160, "data.prompts_per_round": 13})
+    data["data"]["eval_prompts"] = 1
+    with pytest.raises(DatasetError, match="1 of 13 prompts are longer than 148 tokens"):
+        Run(recipe_from_dict({**data, "data": {**data["data"], "max_dropped_share": 0.05}})).execute()
+    run = Run(recipe_from_dict(data))
+    run.execute()
+    assert json.loads((run.dir / "prompts.json").read_text()) == {
+        "prompts": 12, "dropped_long_prompts": 1, "max_prompt_tokens": 148}
+    sampled = [json.loads(x)["row"]["prompt"] for x in (run.dir / "round_1" / "samples.jsonl").read_text().splitlines()]
+    assert len(sampled) == 13 and long_prompt not in sampled  # 11 training prompts, cycled

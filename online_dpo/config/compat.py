@@ -32,6 +32,7 @@ def check_recipe(recipe) -> None:
     """Refuse combinations the pipeline cannot honour, and resolve every judge the recipe names."""
     _check_sections(recipe)
     _check_generation(recipe.generation)
+    _check_lengths(recipe)
     _check_kto(recipe)
     check_trackers(recipe.report_to)  # each named once, its package installed
     judge = resolve_judge(recipe.judge, "judge")
@@ -83,6 +84,23 @@ def _check_generation(g) -> None:
     if g.sleep and g.backend != "vllm":
         raise RecipeError(f"generation.sleep: only an in-process vLLM engine sleeps (generation.backend: "
                           f"vllm), not {g.backend!r}")
+
+
+def prompt_token_limit(recipe) -> int:
+    """The longest prompt (in tokens) the sampler can take with room for a whole completion."""
+    g = recipe.generation
+    return recipe.data.max_prompt_tokens or g.max_model_len - g.max_tokens
+
+
+def _check_lengths(recipe) -> None:
+    g, limit = recipe.generation, recipe.data.max_prompt_tokens
+    if g.max_tokens >= g.max_model_len:
+        raise RecipeError(f"generation.max_tokens: {g.max_tokens} leaves no room for a prompt within "
+                          f"generation.max_model_len {g.max_model_len}")
+    if limit is not None and limit + g.max_tokens > g.max_model_len:
+        raise RecipeError(f"data.max_prompt_tokens: {limit} prompt tokens plus generation.max_tokens "
+                          f"{g.max_tokens} exceed generation.max_model_len {g.max_model_len}: such a "
+                          "prompt would overflow the sampler")
 
 
 def _check_kto(recipe) -> None:

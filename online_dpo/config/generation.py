@@ -63,6 +63,10 @@ class GenerationConfig(Section):
     top_p: Float = Field(1.0, gt=0, le=1)
     max_tokens: Int = Field(64, gt=0)
     """Completion length cap; a completion that hits it counts as not ending in EOS."""
+    max_model_len: Int = Field(2048, gt=1)
+    """Prompt plus completion tokens the sampler holds per sequence (vLLM's max_model_len), for the
+    in-process engine and a launched `vllm serve`; it sizes the KV cache vLLM must reserve. Prompts
+    longer than max_model_len - max_tokens are dropped at load (data.max_prompt_tokens)."""
     probe_tolerance: Float | None = Field(None, gt=0)
     """Max |sampler - trainer| per-token log-prob on the probe after each weight sync. None: 2e-3
     for a float32 sampler, 0.1 for a bfloat16 one (the trainer scores in float32)."""

@@ -152,6 +152,12 @@ class DataConfig(Section):
     """Held-out prompts (taken from the end of the file) scored after every evaluated round."""
     pairs: Str | None = None
     """Mode offline only: a prompt/chosen/rejected dataset. Unset: pairs are sampled once from pi_0."""
+    max_prompt_tokens: Int | None = Field(None, gt=0)
+    """Prompts longer than this many tokens (chat template applied) are dropped at load and counted
+    in runs/<name>/prompts.json, so none can overflow the sampler. None: generation.max_model_len
+    minus generation.max_tokens; a larger value is refused."""
+    max_dropped_share: Float = Field(0.1, ge=0, le=1)
+    """Refuse the run when the prompt-length limit drops more than this share of the prompts."""
 
 
 class EvalConfig(Section):

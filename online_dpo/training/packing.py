@@ -24,9 +24,12 @@ from dataclasses import dataclass
 
 import torch
 
+from online_dpo.training.chunked_logps import VOCAB_CHUNK, chunked_token_logps
+
 # Names the packed layout in the reference-log-prob cache key: a layout change changes the sums
 # in their last bits.
-LAYOUT = "rows-2x-ffd, shared-prompt groups, head at scored positions"
+HEAD = f"head at scored positions in {VOCAB_CHUNK}-entry vocabulary chunks"
+LAYOUT = f"rows-2x-ffd, shared-prompt groups, {HEAD}"
 
 
 class PackingUnsupportedError(RuntimeError):
@@ -134,25 +137,41 @@ def output_head(model) -> torch.nn.Module:
 
 
 def scored_token_logps(model, input_ids: torch.Tensor, index: torch.Tensor, labels: torch.Tensor,
-                       **forward) -> torch.Tensor:
+                       vocab_chunk: int | None = VOCAB_CHUNK, **forward) -> torch.Tensor:
     """Log-probs (K,) of labels[j] under the logits at flat position index[j] of input_ids.
 
     The LM head and the softmax run only at those positions. The head is a (hidden x vocabulary)
     matmul at every position, a fifth of SmolLM2's FLOPs, plus a softmax over 49k entries;
     prompt and padding positions need neither. A pre-hook selects the positions inside the
-    model's own forward, so DDP's and FSDP's hooks still see one ordinary forward call.
+    model's own forward, so DDP's and FSDP's hooks still see one ordinary forward call, and a
+    linear head is run in vocabulary chunks (online_dpo/training/chunked_logps.py), so no
+    (K x V) logits tensor is ever held: the model's `logits` output is the (K, 1) log-probs.
+    `vocab_chunk=None` computes whole float32 logits (the path before chunking, for benchmarks).
     """
+    head = output_head(model)
+
     def select(_module, args):
         return (args[0].flatten(0, 1)[index], *args[1:])
 
-    handle = output_head(model).register_forward_pre_hook(select)
+    def chunked_head(hidden):
+        return chunked_token_logps(hidden, head, labels, vocab_chunk).unsqueeze(-1)
+
+    # A wrapped head (e.g. a LoRA layer) computes whole logits.
+    chunked = vocab_chunk is not None and type(head) is torch.nn.Linear
+    handle = head.register_forward_pre_hook(select)
+    if chunked:
+        head.forward = chunked_head  # an instance attribute: nn.Module.__call__ (and its hooks) call it
     try:
         # use_cache=False matters: with a KV cache, transformers ignores the packing and lets
         # sequences of a row attend to each other.
-        logits = model(input_ids=input_ids, use_cache=False, **forward).logits.float()  # (K, V)
+        out = model(input_ids=input_ids, use_cache=False, **forward).logits.float()
     finally:
         handle.remove()
-    return logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+        if chunked:
+            del head.forward
+    if chunked:
+        return out.squeeze(-1)
+    return out.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(out, dim=-1)
 
 
 def packed_logps(model, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
