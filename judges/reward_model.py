@@ -29,14 +29,18 @@ def format_for_reward_model(tokenizer, row: Row, completion: str) -> str:
 class RewardModelJudge:
     """Pointwise: the reward model's scalar output. `score_batch` scores many at once."""
 
-    def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, dtype: str = "auto"):
+    def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, dtype: str = "auto",
+                 device: str = "auto"):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from online_dpo.storage.model_files import default_device, torch_dtype
 
         if not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"reward model {path!r} is not a local HF model folder")
-        self.device = default_device()
+        # "auto": the first GPU, else CPU. On a shared GPU give the judge its own, e.g. "cuda:1".
+        self.device = default_device() if device == "auto" else str(torch.device(device))
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"RewardModelJudge: device {device!r} needs CUDA, and this machine has none")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

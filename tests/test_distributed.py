@@ -116,8 +116,9 @@ def _sharded_run_matches_one_process(tiny_model_dir, prompts_file, tmp_path, lau
                 for n in ("one", "two")]
         assert ckpt[0].keys() == ckpt[1].keys()
         for key in ckpt[0]:  # 2 rounds at lr 1e-3 move weights by ~2e-3; Adam magnifies the
-            # reduce-scatter's different summation order where a gradient is ~0
-            torch.testing.assert_close(ckpt[0][key], ckpt[1][key], atol=1e-4, rtol=1e-4)
+            # reduce-scatter's different summation order where a gradient is ~0 (one weight in
+            # 8,192 moved 1.4e-4 apart under FSDP2), so a bound of a tenth of the movement
+            torch.testing.assert_close(ckpt[0][key], ckpt[1][key], atol=2e-4, rtol=1e-4)
     return run
 
 
@@ -149,6 +150,7 @@ def test_shipped_accelerate_configs_are_valid(name, kind):
     if name.startswith("deepspeed"):  # the run refuses zero.Init (see distributed.load_models_whole)
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
         assert config.deepspeed_config["zero3_init_flag"] is False
+        assert config.deepspeed_config["offload_optimizer_device"] == "none"  # refused otherwise
 
 
 def test_the_recipe_drives_deepspeed_batch_settings():
@@ -169,13 +171,16 @@ def test_the_recipe_drives_deepspeed_batch_settings():
         prepare_deepspeed_config(accelerator({"gradient_clipping": 2.0}), TrainConfig(max_grad_norm=0.5))
 
 
-def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=False, num_processes=1):
+def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=False, num_processes=1,
+                 offload="none"):
     from types import SimpleNamespace
 
     from accelerate.utils import DistributedType
 
+    # The shape of the config accelerate's DeepSpeedPlugin builds from a config file's keys.
+    zero = {"stage": zero_stage, "offload_optimizer": {"device": offload}, "offload_param": {"device": "none"}}
     deepspeed = SimpleNamespace(zero_stage=zero_stage, zero3_init_flag=zero3_init,
-                                deepspeed_config={"fp16": {"enabled": fp16}})
+                                deepspeed_config={"fp16": {"enabled": fp16}, "zero_optimization": zero})
     return SimpleNamespace(distributed_type=DistributedType[kind], is_main_process=True, num_processes=num_processes,
                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=fsdp_version),
                                                  deepspeed_plugin=deepspeed))
@@ -201,6 +206,7 @@ def _accelerator(kind, fsdp_version=2, zero_stage=2, zero3_init=False, fp16=Fals
     ("DEEPSPEED", {"zero_stage": 3}, {"reference": {"schedule": "ema"}}, "ema with ZeRO-3"),
     ("DEEPSPEED", {}, {"train": {"lora": {"rank": 4}}, "reference": {"schedule": "fixed"}}, "train.lora with DeepSpeed"),
     ("DEEPSPEED", {"fp16": True}, {}, "fp16 is not supported"),
+    ("DEEPSPEED", {"zero_stage": 3, "offload": "cpu"}, {}, "offload_optimizer to CPU is not supported"),
     ("XLA", {}, {}, "not supported by the round pipeline"),
 ])
 def test_which_distributed_setups_the_pipeline_accepts(kind, settings, overrides, error):

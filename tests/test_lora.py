@@ -23,7 +23,8 @@ def test_lora_run_trains_the_adapter_only_and_checkpoints_merged_weights(tiny_mo
     policy = run.models.policy
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    assert run.models.reference is run.models.pi0  # no second copy of the model
+    with run.steps.reference.scoring(run.trainer.policy, policy_round=2) as reference:
+        assert reference is run.models.adapter_off  # no second copy of the model
     # The base weights never moved: the reference is still exactly pi_0.
     for key, value in policy.get_base_model().state_dict().items():
         if ".lora_" not in key:

@@ -70,7 +70,7 @@ def test_ema_reference_with_alpha_one_tracks_the_policy(tiny_model_dir, prompts_
     r, rows = run(data)
     policy = r.models.accelerator.unwrap_model(r.trainer.policy)
     seq = [(r.models.prompt_ids("Tell me about snow."), [5, 6, 7, 2])]
-    ref = score_sequences(r.models.reference, seq, r.models.pad_id, r.models.device)
+    ref = score_sequences(r.steps.reference.model, seq, r.models.pad_id, r.models.device)
     pol = score_sequences(policy, seq, r.models.pad_id, r.models.device)
     assert torch.allclose(ref, pol)  # after the update, the reference's log-probs are the policy's
     assert (r.round_dir(1) / "reference_checkpoint" / "model.safetensors").exists()

@@ -46,6 +46,14 @@ def test_reward_model_uses_its_own_chat_template(tiny_rm_dir):
     assert batch[0] != pytest.approx(batch[1], abs=1e-4)
 
 
+def test_reward_model_device_key(tiny_rm_dir):
+    """`device` places the judge (on a shared GPU, its own); "auto" is the first GPU, else CPU."""
+    assert RewardModelJudge(str(tiny_rm_dir), device="cpu").model.device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda:1' needs CUDA"):
+            RewardModelJudge(str(tiny_rm_dir), device="cuda:1")
+
+
 def test_reward_model_judge_in_a_run(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=1,
                             judge={"target": "judges.reward_model:RewardModelJudge",

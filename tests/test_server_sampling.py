@@ -77,7 +77,7 @@ def test_the_probe_catches_a_skipped_and_a_corrupted_update(server, tmp_path):
     try:
         assert not generator.holds("probe@round-0")
         generator.load_model_folder(models.model_dir)
-        assert verify_engine(models, generator, 2e-3, models.pi0, "probe@round-0") < 2e-3
+        assert verify_engine(models, generator, 2e-3, models.pi0_probe, "probe@round-0") < 2e-3
         settings = SamplingSettings(n=2, temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
         rows = [{"prompt": "Name a fruit."}]
         records, _ = sample_records(models, generator, rows, settings)

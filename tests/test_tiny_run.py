@@ -51,8 +51,13 @@ def test_training_changed_weights_and_reference_follows_policy(finished_run, tin
     # Swap schedule, every round: after round 2 the reference *is* the round-2 policy.
     assert json.loads((run.dir / "round_2" / "reference.json").read_text())["source_round"] == 2
     policy = run.models.accelerator.unwrap_model(run.trainer.policy)
-    for (name, p), r in zip(policy.state_dict().items(), run.models.reference.state_dict().values()):
-        assert torch.equal(p, r), name
+    schedule = run.steps.reference
+    assert schedule.source_round == 2
+    with schedule.scoring(run.trainer.policy, policy_round=2) as reference:
+        assert reference is policy  # no copy: before round 3 trains, the policy scores as the reference
+    with schedule.at_eval() as reference:  # round 2's checkpoint, loaded for the step
+        for (name, p), r in zip(policy.state_dict().items(), reference.state_dict().values()):
+            assert torch.equal(p, r), name
     # Round 2 sampled from the round-1 policy, which was also its reference: vLLM-free reuse.
     assert rows[1]["reference_logps_from"] == "sampler"
 
@@ -66,7 +71,8 @@ def test_fixed_reference_stays_pi0(tiny_model_dir, prompts_file, tmp_path):
     assert [r["reference_source_round"] for r in rows] == [0, 0]
     assert rows[1]["reference_logps_from"] == "forward"
     base = load_file(tiny_model_dir / "model.safetensors")
-    reference = run.models.reference.state_dict()
+    with run.steps.reference.at_eval() as model:
+        reference = model.state_dict()
     for name, tensor in base.items():  # lm_head is tied to the embedding, so not saved twice
         assert torch.equal(tensor, reference[name]), name
 
@@ -164,3 +170,43 @@ def test_a_prompt_longer_than_the_sampler_holds_is_dropped_not_sampled(tiny_mode
         "prompts": 12, "dropped_long_prompts": 1, "max_prompt_tokens": 148}
     sampled = [json.loads(x)["row"]["prompt"] for x in (run.dir / "round_1" / "samples.jsonl").read_text().splitlines()]
     assert len(sampled) == 13 and long_prompt not in sampled  # 11 training prompts, cycled
+
+
+@pytest.mark.parametrize("schedule, train_loads", [
+    ("swap", [[], []]),  # the reference is the policy as the round starts: scored by the policy itself
+    ("fixed", [["pi0"], ["pi0"]]),  # pi_0, loaded for the scoring and freed
+])
+def test_frozen_models_are_loaded_only_for_the_steps_that_score_with_them(
+        tiny_model_dir, prompts_file, tmp_path, monkeypatch, schedule, train_loads):
+    from online_dpo.pipeline.steps import RoundSteps
+    from online_dpo.training.models import Models
+
+    phase, loads = ["build"], []
+    original_load = Models.load
+
+    def recording_load(self, folder, *args, **kwargs):
+        name = "pi0" if folder == self.model_dir else folder.relative_to(self.recipe.run_dir).as_posix()
+        loads.append((phase[0], name))
+        return original_load(self, folder, *args, **kwargs)
+
+    def in_phase(method):
+        original = getattr(RoundSteps, method)
+
+        def wrapped(self, k, *args):
+            phase[0] = f"{method}_{k}"
+            return original(self, k, *args)
+        monkeypatch.setattr(RoundSteps, method, wrapped)
+
+    monkeypatch.setattr(Models, "load", recording_load)
+    for method in ("train", "evaluate", "update_reference"):
+        in_phase(method)
+    data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", **{"reference.schedule": schedule})
+    if schedule == "fixed":
+        data["reference"] = {"schedule": "fixed", "cache_logps": False}
+    Run(recipe_from_dict(data)).execute()
+    assert [name for p, name in loads if p == "build"] == ["pi0"]  # the policy itself
+    assert [[name for p, name in loads if p == f"train_{k}"] for k in (1, 2)] == train_loads
+    assert not [1 for p, _ in loads if p.startswith("update_reference")]  # a swap moves no weights
+    evaluated = [[name for p, name in loads if p == f"evaluate_{k}"] for k in (1, 2)]
+    # KL to the round's reference (and to pi_0 once the reference has moved): loaded and freed.
+    assert evaluated == ([["pi0"], ["round_1/checkpoint", "pi0"]] if schedule == "swap" else [["pi0"], ["pi0"]])

@@ -63,22 +63,25 @@ def evaluate(run_dir: Path, checkpoint: Path | None, against: list[str], judge: 
     try:
         records = {}
         for name, path in [("policy", policy_path), *baselines.items()]:
-            source = models.pi0 if path is None else models.load(path)
-            models.policy.load_state_dict(source.state_dict(), strict=True)
+            models.policy.load_state_dict(models.load(path or models.model_dir).state_dict(), strict=True)
             sync_and_verify(models, generator, probe_tolerance(recipe))
             records[name] = sample_records(models, generator, rows, settings)[0]
     finally:
         generator.close()
     result = {"run": str(run_dir), "checkpoint": str(policy_path), "judge": judge_cfg.target,
               "prompts": len(rows), "samples_per_prompt": samples,
-              "kl_to_pi0": kl_estimate(records["policy"], models.pi0, models.pad_id, models.device,
-                                        models.padding_free),
+              "kl_to_pi0": kl_to_pi0(models, records["policy"]),
               "policy": sample_summary(records["policy"], scorer), "against": {}}
     for name in baselines:
         wins = win_rate(eval_judge, records["policy"], records[name])
         result["against"][name] = {**wins, **sample_summary(records[name], scorer),
                                    **paired_score_difference(records["policy"], records[name], wins)}
     return result
+
+
+def kl_to_pi0(models, records: list[dict]) -> float:
+    with models.frozen() as pi0:
+        return kl_estimate(records, pi0, models.pad_id, models.device, models.padding_free)
 
 
 def paired_score_difference(policy: list[dict], baseline: list[dict], wins: dict) -> dict:

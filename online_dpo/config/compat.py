@@ -191,6 +191,15 @@ def _check_deepspeed(recipe, accelerator) -> None:
         # A dynamic loss scale skips the steps that overflow, silently: a resumed round would no
         # longer match an uninterrupted one, and a skipped round trains nothing.
         raise RuntimeError("DeepSpeed fp16 is not supported: use mixed_precision bf16 (or no)")
+    config = plugin.deepspeed_config.get("zero_optimization", {})
+    offloaded = [key for key in ("offload_optimizer", "offload_param")
+                 if config.get(key, {}).get("device", "none") not in ("none", None)]
+    if offloaded:
+        # DeepSpeed offloads Adam only to its own CPU Adam (a compiled op) and refuses the
+        # trainer's torch AdamW at prepare time; nothing here has been run with it.
+        raise RuntimeError(f"DeepSpeed {' and '.join(offloaded)} to CPU is not supported (DeepSpeed "
+                           "refuses the trainer's torch AdamW with an offloaded optimizer): set "
+                           "offload_optimizer_device and offload_param_device to none")
     if plugin.zero_stage == 3:
         if plugin.zero3_init_flag:  # distributed.load_models_whole says why the run cannot honour it
             raise RuntimeError("DeepSpeed ZeRO-3 with zero3_init_flag: true is not supported: set "

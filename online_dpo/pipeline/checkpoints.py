@@ -55,15 +55,13 @@ class Checkpoints:
         return self.models.unwrapped_policy_state(policy)
 
     def _fill_policy(self, tmp: Path, policy, state) -> None:
-        # Written through pi_0, an unsharded model of the same class and config: a sharded policy's
-        # own save_pretrained would start collectives on process 0 alone.
-        self.models.pi0.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        self.models.checkpoint_template().save_pretrained(tmp, state_dict=state, safe_serialization=True)
         self.models.tokenizer.save_pretrained(tmp)
 
-    def save_reference(self, k: int) -> None:
+    def save_reference(self, k: int, reference) -> None:
         if self.writer:
             def fill(tmp: Path) -> None:
-                self.models.reference.save_pretrained(tmp, safe_serialization=True)
+                reference.save_pretrained(tmp, safe_serialization=True)
                 self.models.tokenizer.save_pretrained(tmp)
             write_dir_atomic(self.run_dir.round(k) / REFERENCE, fill)
 

@@ -53,7 +53,7 @@ from online_dpo.pipeline.steps import JudgeFailureError, ReferenceMismatchError,
 from online_dpo.sampling.samplers import build_sampler
 from online_dpo.storage.artifacts import RunDir, write_json, write_text_atomic
 from online_dpo.storage.ref_cache import ReferenceLogpCache, model_fingerprint
-from online_dpo.training.distributed import Processes
+from online_dpo.training.distributed import Processes, is_sharded
 from online_dpo.training.models import Models
 from online_dpo.training.trainer import DPOTrainer
 
@@ -96,8 +96,10 @@ class Run:
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             check_resolved_recipe(recipe, self.dir)
-            write_json(self.dir / "prompts.json", {"prompts": len(rows), "dropped_long_prompts": dropped,
-                                                   "max_prompt_tokens": prompt_token_limit(recipe)})
+            counts = {"prompts": len(rows), "dropped_long_prompts": dropped,
+                      "max_prompt_tokens": prompt_token_limit(recipe)}
+            if not (self.dir / "prompts.json").exists():  # the recipe cannot change on resume
+                write_json(self.dir / "prompts.json", counts)
             if dropped:
                 print(f"[online-dpo] {dropped} prompts longer than {prompt_token_limit(recipe)} tokens "
                       f"dropped (data.max_prompt_tokens)", flush=True)
@@ -170,8 +172,10 @@ class Run:
         # The engines: process 0's alone, or one per process (generation.engines).
         sampler = build_sampler(recipe, models, self.procs, self.dir)
         try:
-            pi0_cache = None  # pi_0 log-probs are cached across runs by process 0 alone
-            if self.main and recipe.reference.cache_logps:
+            # pi_0 log-probs are cached across runs by process 0 alone; not when the reference may be
+            # the sharded policy, whose forward every process must join (a hit skips it).
+            pi0_cache = None
+            if self.main and recipe.reference.cache_logps and not is_sharded(models.accelerator):
                 pi0_cache = ReferenceLogpCache(model_fingerprint(
                     models.model_dir, dtype=next(models.policy.parameters()).dtype, device=models.device.type,
                     padding_free=models.padding_free))

@@ -68,8 +68,8 @@ class RoundSteps:
         if self.policy_round:  # a trained policy reaches the engine only through a sync step
             raise RuntimeError(f"internal: the sampler holds round {self.engine_round}, the policy is "
                                f"round {self.policy_round}, and no sync step ran")
-        # Untrained: pi_0 has the policy's weights, and unlike a sharded policy it is whole here.
-        self.sampler.verify(self.models.pi0, self.version(0))
+        # Untrained: the engine holds pi_0, whose probe log-probs were kept when the policy loaded.
+        self.sampler.verify(self.models.pi0_probe, self.version(0))
         self.engine_round = 0
 
     def sync_policy(self) -> dict:
@@ -159,10 +159,15 @@ class RoundSteps:
         return score_sequences(model, sequences, m.pad_id, m.device, padding_free=m.padding_free)
 
     def score_reference(self, sequences) -> torch.Tensor:
-        """A reference forward pass; pi_0's results come from (and go to) the cross-run cache."""
+        """A reference forward pass, before the round's first optimizer step; pi_0's results come
+        from (and go to) the cross-run cache, and the reference loads only for what it misses."""
+        def forward(seqs):
+            with self.reference.scoring(self.trainer.policy, self.policy_round) as model:
+                return self.score(model, seqs)
+
         if self.pi0_cache is None or not self.reference.is_pi0:
-            return self.score(self.models.reference, sequences)
-        logps, hits = self.pi0_cache.score(sequences, lambda seqs: self.score(self.models.reference, seqs))
+            return forward(sequences)
+        logps, hits = self.pi0_cache.score(sequences, forward)
         self.reference_cache_hits += hits
         return logps
 
@@ -178,7 +183,8 @@ class RoundSteps:
             logps[forward] = self.score_reference([sequences[i] for i in forward])
         if len(forward) < len(sequences):  # check one reused value against a real forward pass
             i = reuse.index(True)
-            diff = abs(self.score(self.models.reference, [sequences[i]]).item() - logps[i].item())
+            with self.reference.scoring(self.trainer.policy, self.policy_round) as model:
+                diff = abs(self.score(model, [sequences[i]]).item() - logps[i].item())
             # The probe tolerance is per token; these are sums over whole completions.
             tol = probe_tolerance(self.recipe) * len(sequences[i][1])
             if diff > tol:
@@ -221,7 +227,7 @@ class RoundSteps:
 
     def sample_pi0_eval(self) -> None:
         """pi_0's held-out samples, judged against every later round's (round_0/)."""
-        self.sampler.verify(self.models.pi0, self.version(0))
+        self.sampler.verify(self.models.pi0_probe, self.version(0))
         records, stats = self.sampler.sample(self.eval_rows, self._eval_settings())
         check_weight_versions(records, self.version(0), "pi_0's held-out sampling")
         summary = sample_summary(records, self.eval_scorer)  # keeps each sample's eval_score in records
@@ -237,8 +243,13 @@ class RoundSteps:
             return {"skipped": f"eval.every={every}"}
         records, stats = self._sample(self.eval_rows, self._eval_settings())
         m = self.models
-        kl_ref = kl_estimate(records, m.reference, m.pad_id, m.device, m.padding_free)
-        kl_pi0 = kl_ref if self.reference.is_pi0 else kl_estimate(records, m.pi0, m.pad_id, m.device, m.padding_free)
+        with self.reference.at_eval() as reference:  # loaded for this step and freed, unless resident
+            kl_ref = kl_estimate(records, reference, m.pad_id, m.device, m.padding_free)
+        if self.reference.is_pi0:
+            kl_pi0 = kl_ref
+        else:
+            with m.frozen() as pi0:
+                kl_pi0 = kl_estimate(records, pi0, m.pad_id, m.device, m.padding_free)
         summary = sample_summary(records, self.eval_scorer)
         result = {"eval_judge_score": summary["judge_score"], "eval_judge_score_ci": summary["judge_score_ci"],
                   "eval_mean_length": summary["mean_length"],

@@ -113,7 +113,7 @@ class PerProcessSampler(InProcessSampler):
         self.rank = procs.state.process_index
         self.failed = False  # a sampling error raised on every process at once
         # A fresh engine holds pi_0: check every one now, while every process is here.
-        self._check([self._probe(models.pi0, version=pi0_version)[1]], "when built")
+        self._check([self._probe(models.pi0_probe, version=pi0_version)[1]], "when built")
 
     # ------------------------------------------------------------------ sampling
 

@@ -1,13 +1,26 @@
-"""The trainer's models: tokenizer, trainable policy, frozen reference and pi_0, from one model folder."""
+"""The trainer's models: tokenizer and trainable policy from one model folder, and frozen models
+(pi_0, a reference) loaded from model folders when a step needs them.
+
+Frozen models cost only what they must. No frozen copy is resident by default: pi_0 and a
+reference that is some round's policy are read from their folders (the model folder, a round's
+checkpoint) in the compute dtype for the step that scores with them, and freed after it
+(`frozen`). The reference schedules (online_dpo/pipeline/reference_schedules.py) say which
+folder; only the EMA reference, which is no folder's weights, stays resident. Under LoRA pi_0 is
+the policy with its adapter off: no copy at all.
+"""
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import ctypes
+import gc
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from online_dpo.config.compat import check_launch
 from online_dpo.config.recipe import Recipe
@@ -25,7 +38,7 @@ PROBE_COMPLETION = "The sky is blue on a clear day, and orange or pink at sunset
 
 
 class Models:
-    """Tokenizer, trainable policy and frozen reference, all from one model folder."""
+    """Tokenizer and trainable policy from one model folder; frozen models on demand."""
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -41,17 +54,14 @@ class Models:
         check_launch(recipe, self.accelerator)  # before loading: the checks are cheap, loads are not
         load_models_whole(self.accelerator)
         self.device = self.accelerator.device
+        # Frozen models compute in the trainer's compute dtype: bf16 on CUDA; float32 on CPU.
+        self.frozen_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
         self.policy = self.load(self.model_dir).train()
         self.lora = recipe.train.lora
         if self.lora is not None:
-            # One copy of the weights: the reference (= pi_0) is the policy with its adapter off.
+            # One copy of the weights: pi_0 is the policy with its adapter off.
             self.policy = add_adapter(self.policy, self.lora)
-            self.reference = self.pi0 = AdapterDisabled(self.policy)
-        else:
-            self.reference = self.frozen_copy(self.policy)
-            # pi_0 stays for KL-to-pi_0 and win rates; a fixed reference *is* pi_0, so share it.
-            fixed = recipe.reference.schedule == "fixed"
-            self.pi0 = self.reference if fixed else self.frozen_copy(self.policy)
+            self.adapter_off = AdapterDisabled(self.policy)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
@@ -59,22 +69,39 @@ class Models:
         self.padding_free = recipe.train.padding_free
         if self.padding_free:
             check_packing(self.policy, self.pad_id, self.device)
+        # pi_0's probe log-probs, for checking a fresh engine (which holds pi_0) without pi_0 resident;
+        # the policy is still pi_0 here, whole on every process.
+        self.pi0_probe = self.trainer_probe_logps(self.policy)
 
     def _generation_eos(self) -> list[int]:
         eos = getattr(self.policy.generation_config, "eos_token_id", None)
         return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
-    def load(self, folder: Path):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(self.device)
+    def load(self, folder: Path, dtype: torch.dtype = torch.float32):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device)
 
-    @staticmethod
-    def frozen_copy(model):
-        ref = copy.deepcopy(model).eval()
-        ref.requires_grad_(False)
-        return ref
+    @contextlib.contextmanager
+    def frozen(self, folder: Path | None = None) -> Iterator[torch.nn.Module]:
+        """The model of `folder` (default: pi_0's, the model folder), frozen in the compute dtype,
+        for one step; freed when the step ends. Under LoRA pi_0 is the policy with its adapter off."""
+        if folder is None and self.lora is not None:
+            yield self.adapter_off
+            return
+        model = self.load(folder or self.model_dir, self.frozen_dtype).eval().requires_grad_(False)
+        try:
+            yield model
+        finally:
+            del model
+            release_memory()
 
-    def set_reference(self, source_model) -> None:
-        self.reference.load_state_dict(self.unwrapped_policy_state(source_model), strict=True)
+    def checkpoint_template(self):
+        """An unsharded model of the policy's class and config on the meta device (no memory),
+        through which process 0 writes checkpoints: a sharded policy's own save_pretrained would
+        start collectives on process 0 alone."""
+        with torch.device("meta"):
+            template = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_dir))
+        template.generation_config = self.accelerator.unwrap_model(self.policy).generation_config
+        return template
 
     def unwrapped_policy_state(self, model=None) -> dict[str, torch.Tensor]:
         """Whole weights; every process must call it when training is sharded (a gather)."""
@@ -92,7 +119,10 @@ class Models:
 
     @torch.no_grad()
     def trainer_probe_logps(self, model) -> torch.Tensor:
-        """The probe scored by `model`; a sharded policy's forward is collective."""
+        """The probe scored by `model` (or `model` itself, when it is already a probe's log-probs
+        such as `pi0_probe`); a sharded policy's forward is collective."""
+        if isinstance(model, torch.Tensor):
+            return model
         prompt, completion = self.probe_ids()
         ids = torch.tensor([prompt + completion], device=self.device)
         model = self.accelerator.unwrap_model(model)
@@ -101,3 +131,13 @@ class Models:
         logits = model(input_ids=ids).logits
         model.train(was_training)
         return token_logps(logits, ids)[0, len(prompt) - 1:].float().cpu()
+
+
+def release_memory() -> None:
+    """Return a freed model's memory now: to the allocator's cache on CUDA, to the OS on CPU
+    (glibc keeps freed heap pages of tensors under its mmap threshold until trimmed)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).malloc_trim(0)
