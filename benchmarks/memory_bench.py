@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/memory_bench.py                   # every row below (~30 min here)
     .venv/bin/python benchmarks/memory_bench.py --rows smollm2-1p-swap qwen0.5b-2p-swap
-    .venv/bin/python benchmarks/memory_bench.py --logprobs        # 4 pairs x 2,048 tokens, V = 152k
+    .venv/bin/python benchmarks/memory_bench.py --only logprobs   # 4 pairs x 2,048 tokens, V = 152k
 
 Each row is one real round of `online_dpo` (vLLM sampling with a verified sync, a rule judge,
 DPO training, the checkpoint, held-out eval, the reference update) on a random-init model built
@@ -278,16 +278,19 @@ def main() -> None:
         return logprob_peak(path, tokens, vocab, hidden)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="*", choices=sorted(ROWS), default=None)
-    parser.add_argument("--logprobs", action="store_true", help="only the log-prob peak rows")
+    parser.add_argument("--only", choices=("logprobs", "rows"), default=None, help="one half of the table")
     parser.add_argument("--tokens", type=int, default=4 * 2 * 2048)
     parser.add_argument("--work", default=None, help="where models and runs go (default: a temp folder)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="memory-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    results = {"logprobs": logprob_rows(args.tokens, SHAPES["qwen0.5b"]["vocab_size"], SHAPES["qwen0.5b"]["hidden_size"])}
-    print(json.dumps(results["logprobs"]), flush=True)
-    if not args.logprobs:
+    results = {}
+    if args.only != "rows":
+        shape = SHAPES["qwen0.5b"]
+        results["logprobs"] = logprob_rows(args.tokens, shape["vocab_size"], shape["hidden_size"])
+        print(json.dumps(results["logprobs"]), flush=True)
+    if args.only != "logprobs":
         results["rows"] = []
         for name in args.rows or DEFAULT_ROWS:
             results["rows"].append(run_row(name, work))

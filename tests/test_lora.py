@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from online_dpo.config.recipe import RecipeError, recipe_from_dict
 from online_dpo.pipeline.run import Run
-from online_dpo.training.lora import merged_state_dict
+from online_dpo.training.lora import merged_weights
 from tests.conftest import cli, tiny_recipe_dict
 
 LORA = {"train.lora": {"rank": 4, "alpha": 8}, "reference.schedule": "fixed", "train.learning_rate": 5e-3}
@@ -36,7 +36,7 @@ def test_lora_run_trains_the_adapter_only_and_checkpoints_merged_weights(tiny_mo
     assert any(not torch.equal(merged.state_dict()[k], base[k]) for k in base)
     ids = torch.tensor([[1, 200, 300, 400, 500]])
     torch.testing.assert_close(merged(input_ids=ids).logits, policy(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
-    assert set(merged_state_dict(policy)) == set(base)
+    assert set(dict(merged_weights(policy))) == set(base)
     sync = json.loads((run.round_dir(1) / "sync.json").read_text())
     assert sync["probe_max_abs_diff"] < sync["probe_tolerance"]  # the sampler got the merged weights
     assert rows[1]["kl_to_reference"] > 0 and rows[1]["kl_to_pi0"] == rows[1]["kl_to_reference"]

@@ -109,6 +109,9 @@ class TrainConfig(Section):
     against a padded forward once per run; turn off for an architecture that fails the check)."""
     lora: AdapterConfig | None = None
     """Set (e.g. `train.lora: {rank: 16}`) to train a LoRA adapter instead of all weights."""
+    weight_bucket_mib: Int = Field(512, gt=0)
+    """Weights move as a stream (sync, checkpoint), gathered one tensor at a time when sharded;
+    a server's transfer files and the checkpoint's safetensors shards hold at most this much."""
 
 
 class ReferenceConfig(Section):

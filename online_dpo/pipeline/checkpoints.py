@@ -1,10 +1,12 @@
 """Policy and reference checkpoints under round_<k>/: save, restore and prune.
 
-A policy checkpoint is whole weights plus the tokenizer, loadable by transformers, vLLM and
-`online-dpo eval`. Under LoRA (`AdapterCheckpoints`) the folder holds the merged weights for
-everything downstream and the adapter alone under `adapter/`, which is what a resume loads.
-Gathering sharded weights is collective, so every process calls `save_policy`; only process 0
-writes.
+A policy checkpoint is whole float32 weights (so a resume is bit-identical) plus the tokenizer,
+loadable by transformers, vLLM and `online-dpo eval`. Under LoRA (`AdapterCheckpoints`) the folder
+holds the merged weights for everything downstream and the adapter alone under `adapter/`, which
+is what a resume loads. The weights arrive as a stream (online_dpo/training/weight_stream.py) and
+process 0 writes them as safetensors shards of `train.weight_bucket_mib`, one at a time; the
+other processes only join each tensor's gather, so none holds the whole model. Every process
+calls `save_policy`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import shutil
 from pathlib import Path
 
 from online_dpo.storage.artifacts import RunDir, write_dir_atomic
-from online_dpo.training.lora import load_adapter, merged_state_dict, save_adapter
+from online_dpo.storage.model_files import write_safetensors_shards
+from online_dpo.training.lora import load_adapter, save_adapter
+from online_dpo.training.weight_stream import buckets, drain
 
 POLICY = "checkpoint"
 REFERENCE = "reference_checkpoint"  # the EMA reference, whose state is not any round's policy
@@ -47,15 +51,17 @@ class Checkpoints:
         policy.load_state_dict(self.models.load(folder).state_dict(), strict=True)
 
     def save_policy(self, k: int, policy) -> None:
-        state = self._policy_state(policy)  # collective when sharded: every process gathers
+        stream = self.models.policy_weights(policy)  # collective when sharded: every process drains it
         if self.writer:
-            write_dir_atomic(self.run_dir.round(k) / POLICY, lambda tmp: self._fill_policy(tmp, policy, state))
+            write_dir_atomic(self.run_dir.round(k) / POLICY, lambda tmp: self._fill_policy(tmp, policy, stream))
+        else:
+            drain(stream)
 
-    def _policy_state(self, policy):
-        return self.models.unwrapped_policy_state(policy)
-
-    def _fill_policy(self, tmp: Path, policy, state) -> None:
-        self.models.checkpoint_template().save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    def _fill_policy(self, tmp: Path, policy, stream) -> None:
+        tied = self.models.policy_tied_names()  # loading re-ties them, as after save_pretrained
+        bucket = self.models.recipe.train.weight_bucket_mib * 2**20
+        write_safetensors_shards(tmp, buckets(((n, t) for n, t in stream if n not in tied), bucket))
+        self.models.write_model_config(tmp)
         self.models.tokenizer.save_pretrained(tmp)
 
     def save_reference(self, k: int, reference) -> None:
@@ -83,15 +89,9 @@ class AdapterCheckpoints(Checkpoints):
     def _load_policy(self, policy, folder: Path) -> None:
         load_adapter(policy, folder)
 
-    def _policy_state(self, policy):
-        return None  # LoRA runs are never sharded; the merge happens while writing
-
-    def _fill_policy(self, tmp: Path, policy, state) -> None:
-        peft_model = self.models.accelerator.unwrap_model(policy)
-        peft_model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(peft_model),
-                                                    safe_serialization=True)
-        save_adapter(peft_model, tmp)
-        self.models.tokenizer.save_pretrained(tmp)
+    def _fill_policy(self, tmp: Path, policy, stream) -> None:
+        super()._fill_policy(tmp, policy, stream)  # the stream merges each adapted layer as it goes
+        save_adapter(self.models.accelerator.unwrap_model(policy), tmp)
 
 
 def build_checkpoints(run_dir: RunDir, models, writer: bool) -> Checkpoints:

@@ -66,8 +66,18 @@ class HFGenerator:
         return [completions[i * settings.n:(i + 1) * settings.n] for i in range(len(batch))]
 
     @torch.no_grad()
+    @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.model.load_state_dict(dict(named_tensors), strict=True)
+        """Tensor by tensor, as the stream arrives; every name of the model must come."""
+        own = self.model.state_dict()
+        missing = set(own)
+        for name, tensor in named_tensors:
+            if name not in own:
+                raise KeyError(f"the sampler's model has no weight {name!r}")
+            own[name].copy_(tensor)
+            missing.discard(name)
+        if missing:
+            raise KeyError(f"the weight stream lacked {sorted(missing)[:3]} ({len(missing)} names)")
         self.weight_version = None
 
     def release(self) -> None:

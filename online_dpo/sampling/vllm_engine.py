@@ -153,7 +153,10 @@ class VLLMGenerator:
         quiet_rotary_reload_warning()
         if self.asleep:  # level 2 dropped the weights: wake their memory, load, then the KV cache
             self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc("sync_weights", args=(list(named_tensors),))
+        # The stream goes to the worker as it is (in-process, by reference): each tensor is
+        # gathered, loaded and dropped in turn. A worker in a process of its own gets a list.
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        self.llm.collective_rpc("sync_weights", args=(named_tensors if in_process else list(named_tensors),))
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False

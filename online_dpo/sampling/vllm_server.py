@@ -39,6 +39,7 @@ import torch
 
 from online_dpo.sampling.generator import Completion, SamplingSettings
 from online_dpo.sampling.vllm_plugin import FILE_BACKEND
+from online_dpo.training.weight_stream import buckets
 
 UNVERIFIED = "online-dpo:unverified"  # the label of pushed weights until the probe proves them
 SERVER_HINT = ("start it with VLLM_SERVER_DEV_MODE=1 (vLLM's RL API) and the arguments --enable-scale-out "
@@ -53,11 +54,12 @@ class ServerError(RuntimeError):
 
 class VLLMServerGenerator:
     def __init__(self, url: str, *, timeout_s: float, transfer_dir: Path, dtype: torch.dtype,
-                 launched: LaunchedServer | None = None):
+                 launched: LaunchedServer | None = None, bucket_bytes: int = 512 * 2**20):
         self.url = url.rstrip("/").removesuffix("/v1")
         self.where = f"the vLLM server at {self.url}"
         self.timeout_s, self.dtype, self.launched = timeout_s, dtype, launched
         self.transfer_dir = Path(transfer_dir)
+        self.bucket_bytes = bucket_bytes  # the most one transfer file holds (in the trainer's dtype)
         self.client = httpx.Client(base_url=self.url,
                                    timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
                                    limits=httpx.Limits(max_connections=MAX_CONCURRENT_REQUESTS))
@@ -147,15 +149,20 @@ class VLLMServerGenerator:
 
     @torch.no_grad()
     def load_weights(self, named_tensors) -> None:
-        path = self.transfer_dir / f"weights-{uuid.uuid4().hex}.safetensors"
-        write_weights(named_tensors, path, self.dtype)
-        try:
-            self._update_from(path)
-        finally:
-            path.unlink(missing_ok=True)
+        """One weight update in bucket-sized files, each written, loaded and deleted in turn, so
+        neither side ever holds more than a bucket of the stream."""
+        def files():
+            for group in buckets(named_tensors, self.bucket_bytes):
+                path = self.transfer_dir / f"weights-{uuid.uuid4().hex}.safetensors"
+                write_weights(group, path, self.dtype)
+                try:
+                    yield path
+                finally:
+                    path.unlink(missing_ok=True)
+        self._update_from(files())
         self.weight_version = None
 
-    def _update_from(self, path: Path) -> None:
+    def _update_from(self, paths) -> None:
         self._call("POST", "/pause", "pausing generation for a weight update", params={"mode": "wait"})
         # From here until the probe passes the weights are not the labelled ones, even if this fails.
         self._call("POST", "/update_weight_version", "unlabelling the weights",
@@ -168,8 +175,9 @@ class VLLMServerGenerator:
             self._call("POST", "/finish_weight_update", "closing a weight update left open",
                        json={"weight_version": UNVERIFIED})
             self._call("POST", "/start_weight_update", "starting a weight update")
-        self._call("POST", "/update_weights", f"loading the weights from {path}",
-                   json={"update_info": {"path": str(path)}})
+        for path in paths:
+            self._call("POST", "/update_weights", f"loading the weights from {path}",
+                       json={"update_info": {"path": str(path)}})
         self._call("POST", "/finish_weight_update", "finishing the weight update",
                    json={"weight_version": UNVERIFIED})
         self._call("POST", "/reset_prefix_cache", "dropping the prefix cache of the old weights")
@@ -342,7 +350,7 @@ def build_server_generator(recipe, model_dir: Path, dtype: torch.dtype, run_dir:
     transfer_dir = Path(cfg.transfer_dir) if cfg.transfer_dir else default_transfer_dir(run_dir, cfg.url, recipe.name)
     try:
         return VLLMServerGenerator(url, timeout_s=cfg.timeout_s, transfer_dir=transfer_dir, dtype=dtype,
-                                   launched=launched)
+                                   launched=launched, bucket_bytes=recipe.train.weight_bucket_mib * 2**20)
     except BaseException:
         if launched is not None:
             launched.stop()

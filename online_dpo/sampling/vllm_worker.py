@@ -18,10 +18,15 @@ class WeightSyncExtension:
         from online_dpo.sampling.vllm_engine import quiet_rotary_reload_warning
 
         quiet_rotary_reload_warning()  # the worker may be a process of its own
-        named_tensors = list(named_tensors)
-        self.model_runner.reload_weights(weights_iterator=iter(named_tensors), is_checkpoint_format=True)
+        count = [0]
+
+        def counted():  # consumed one tensor at a time: the trainer may be gathering each as it goes
+            for item in named_tensors:
+                count[0] += 1
+                yield item
+        self.model_runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
         refresh_tied_lm_head(self.model_runner.get_model())
-        return len(named_tensors)
+        return count[0]
 
 
 def refresh_tied_lm_head(model) -> None:

@@ -17,6 +17,7 @@ import torch
 from online_dpo.config.recipe import Recipe
 from online_dpo.sampling.generator import Generator
 from online_dpo.storage.model_files import torch_dtype
+from online_dpo.training.weight_stream import Counted, drain, tied_names
 
 if TYPE_CHECKING:
     from online_dpo.training.models import Models
@@ -91,16 +92,14 @@ def sync_and_verify(models: Models, generator: Generator | None, tolerance: floa
     collective. Only process 0 holds a generator."""
     model = models.policy if model is None else model
     t0 = time.perf_counter()
-    state = models.unwrapped_policy_state(model)
+    # A stream: one gathered tensor at a time when sharded; processes without an engine drain it.
+    stream = Counted(models.policy_weights(model), tied_names(models.accelerator.unwrap_model(model)))
     if generator is not None:
-        generator.load_weights(state.items())
+        generator.load_weights(iter(stream))
+    else:
+        drain(stream)
     seconds = time.perf_counter() - t0
     diff = verify_engine(models, generator, tolerance, model, version)
     return {"sync_seconds": seconds, "probe_max_abs_diff": diff, "probe_tolerance": tolerance,
-            "verify_seconds": time.perf_counter() - t0 - seconds, "tensors": len(state),
-            "bytes": unique_nbytes(state)}
-
-
-def unique_nbytes(state: dict[str, torch.Tensor]) -> int:
-    """The bytes of a state dict's tensors, tied ones counted once."""
-    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
+            "verify_seconds": time.perf_counter() - t0 - seconds, "tensors": stream.tensors,
+            "bytes": stream.bytes}

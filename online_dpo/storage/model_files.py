@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -91,3 +92,31 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def write_safetensors_shards(folder: Path, groups) -> list[str]:
+    """Write `groups` (lists of (name, tensor), e.g. streamed buckets) as safetensors files in
+    `folder`, one group at a time: one group is `model.safetensors`; more are numbered shards with
+    the index transformers and vLLM read. Returns the file names."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[tuple[str, list[str], int]] = []
+    for i, group in enumerate(groups):
+        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in group}
+        part = f"part-{i}.safetensors.partial"
+        save_file(tensors, str(folder / part), metadata={"format": "pt"})
+        written.append((part, list(tensors), sum(t.numel() * t.element_size() for t in tensors.values())))
+        del tensors
+    if len(written) == 1:
+        os.replace(folder / written[0][0], folder / "model.safetensors")
+        return ["model.safetensors"]
+    names, weight_map = [], {}
+    for i, (part, keys, _) in enumerate(written):
+        name = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(folder / part, folder / name)
+        names.append(name)
+        weight_map.update(dict.fromkeys(keys, name))
+    index = {"metadata": {"total_size": sum(size for *_, size in written)}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return names

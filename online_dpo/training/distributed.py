@@ -6,8 +6,8 @@ sampler); all processes train, each on its own share of a step's pairs, with gra
 process can race ahead of another.
 
 Under FSDP2 and DeepSpeed ZeRO-3 the policy's weights are sharded, so reading them whole (sampler
-sync, reference swap, checkpoint) and running it forward (the sync probe) are collective: every
-process joins. ZeRO-1/2 shard only the optimizer state (and gradients): every process holds the
+sync, checkpoint: a stream, online_dpo/training/weight_stream.py) and running it forward (the sync
+probe, a swap-every-round reference) are collective: every process joins. ZeRO-1/2 shard only the optimizer state (and gradients): every process holds the
 whole weights after each step.
 """
 
@@ -102,47 +102,3 @@ def prepare_deepspeed_config(accelerator, train) -> None:
     config.update(gradient_accumulation_steps=1, gradient_clipping=train.max_grad_norm,
                   train_micro_batch_size_per_gpu=train.micro_batch_pairs)
     config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world
-
-
-def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
-    """The model's whole weights on every process; a collective call when training is sharded."""
-    if zero_stage(accelerator) == 3:
-        return _gather_zero3(model)
-    if uses_deepspeed(accelerator):  # ZeRO-1/2: the module holds the whole, current weights
-        return accelerator.unwrap_model(model).state_dict()
-    if is_sharded(accelerator):
-        from torch.distributed.tensor import DTensor
-
-        # Every process gathers every tensor, in the same order (each full_tensor is an
-        # all-gather): each process needs the weights to swap its reference, and accelerate's
-        # get_state_dict gives them to process 0 alone. Tied weights (lm_head = embeddings) share
-        # one shard, so they are gathered once and stay one tensor, as save_pretrained expects.
-        gathered: dict[int, torch.Tensor] = {}
-        state = {}
-        for name, value in model.state_dict().items():
-            if isinstance(value, DTensor):
-                shard = value.to_local().data_ptr()
-                if shard not in gathered:
-                    gathered[shard] = value.full_tensor()
-                value = gathered[shard]
-            state[name] = value
-        return state
-    return accelerator.get_state_dict(model)
-
-
-def _gather_zero3(engine) -> dict[str, torch.Tensor]:
-    import deepspeed
-
-    module = engine.module
-    # Every process gathers every parameter (modifier_rank None: read-only) and keeps a copy,
-    # since the gathered storage is freed when the context exits. Tied weights are one parameter,
-    # so they stay one tensor, as save_pretrained expects.
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        copies: dict[int, torch.Tensor] = {}
-        state = {}
-        for name, value in module.state_dict().items():
-            key = value.data_ptr()
-            if key not in copies:
-                copies[key] = value.detach().clone()
-            state[name] = copies[key]
-    return state

@@ -41,20 +41,21 @@ class AdapterDisabled(torch.nn.Module):
             return self._peft[0](*args, **kwargs)
 
 
-def merged_state_dict(peft_model) -> dict[str, torch.Tensor]:
-    """The base model's state dict with every adapter's delta added, under the base names."""
+def merged_weights(peft_model):
+    """The base model's tensors under the base names, each adapted weight with its delta added as
+    it is yielded: one merged layer exists at a time, never a merged copy of the model."""
     base = peft_model.get_base_model()
-    deltas = {f"{name}.weight": module.get_delta_weight(module.active_adapters[0])
-              for name, module in base.named_modules()
-              if isinstance(module, LoraLayer) and module.active_adapters}
-    merged = {}
+    adapted = {f"{name}.weight": module for name, module in base.named_modules()
+               if isinstance(module, LoraLayer) and module.active_adapters}
     for key, value in base.state_dict().items():
         if ".lora_" in key:
             continue
         key = key.replace(".base_layer", "")
-        merged[key] = (value + deltas[key]).detach() if key in deltas else value
-    return merged
-
+        layer = adapted.get(key)
+        if layer is not None:
+            with torch.no_grad():
+                value = value + layer.get_delta_weight(layer.active_adapters[0])
+        yield key, value
 
 def save_adapter(peft_model, folder: Path) -> None:
     peft_model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)

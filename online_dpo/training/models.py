@@ -26,10 +26,11 @@ from online_dpo.config.compat import check_launch
 from online_dpo.config.recipe import Recipe
 from online_dpo.data.prompts import prompt_token_ids
 from online_dpo.storage.model_files import resolve_model_path
-from online_dpo.training.distributed import full_state_dict, load_models_whole
+from online_dpo.training.distributed import load_models_whole
 from online_dpo.training.logprobs import check_packing
-from online_dpo.training.lora import AdapterDisabled, add_adapter, merged_state_dict
+from online_dpo.training.lora import AdapterDisabled, add_adapter
 from online_dpo.training.losses import token_logps
+from online_dpo.training.weight_stream import Stream, full_weights, tied_names, whole
 
 # A fixed probe scored by both the trainer and the sampler after every sync
 # (sampling/weight_sync.py). Any stale tensor in the sampler shows up as a log-prob mismatch.
@@ -94,21 +95,31 @@ class Models:
             del model
             release_memory()
 
-    def checkpoint_template(self):
-        """An unsharded model of the policy's class and config on the meta device (no memory),
-        through which process 0 writes checkpoints: a sharded policy's own save_pretrained would
-        start collectives on process 0 alone."""
-        with torch.device("meta"):
-            template = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(self.model_dir))
-        template.generation_config = self.accelerator.unwrap_model(self.policy).generation_config
-        return template
+    def write_model_config(self, folder: Path) -> None:
+        """config.json (float32: the master weights) and generation_config.json of a checkpoint.
+        Written from the model folder's config, not through the policy: a sharded policy's own
+        save_pretrained would start collectives on process 0 alone."""
+        config = AutoConfig.from_pretrained(self.model_dir)
+        config.dtype = "float32"
+        config.save_pretrained(folder)
+        self._base_policy().generation_config.save_pretrained(folder)
+
+    def _base_policy(self):
+        policy = self.accelerator.unwrap_model(self.policy)
+        return policy.get_base_model() if self.lora is not None else policy
+
+    def policy_tied_names(self) -> set[str]:
+        """Names (as the weight stream gives them) that repeat an earlier tensor, e.g. a tied lm_head."""
+        return tied_names(self._base_policy())
+
+    def policy_weights(self, model=None) -> Stream:
+        """The policy's whole weights as a stream (online_dpo/training/weight_stream.py); every
+        process must drain it when training is sharded (each tensor is a gather)."""
+        return full_weights(self.accelerator, self.policy if model is None else model, lora=self.lora is not None)
 
     def unwrapped_policy_state(self, model=None) -> dict[str, torch.Tensor]:
-        """Whole weights; every process must call it when training is sharded (a gather)."""
-        model = model if model is not None else self.policy
-        if self.lora is not None:
-            return merged_state_dict(self.accelerator.unwrap_model(model))
-        return full_state_dict(self.accelerator, model)
+        """Whole weights at once: for small models and tests; weight movement streams."""
+        return whole(self.policy_weights(model))
 
     def prompt_ids(self, prompt) -> list[int]:
         return prompt_token_ids(self.tokenizer, prompt)
