@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:  # `make test` runs 2 workers on 2 cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Cached reference log-probs stay inside this test session, never in the user's cache.
 os.environ["ONLINE_DPO_REFERENCE_CACHE"] = tempfile.mkdtemp(prefix="ref-logps-")
 

@@ -56,7 +56,8 @@ def test_install_routes_top_p_alone_and_leaves_top_k_to_vllm(monkeypatch):
     searches = []
     real_mask = top_p.top_p_mask
     monkeypatch.setattr(top_p, "top_p_mask", lambda *args: searches.append(1) or real_mask(*args))
-    original = sampler.apply_top_k_top_p
+    before = sampler.apply_top_k_top_p
+    original = getattr(before, "vllm_original", before)  # vLLM's own, even if an earlier engine installed ours
     try:
         assert top_p.install() and top_p.install()  # twice: still one layer over vLLM's function
         patched = sampler.apply_top_k_top_p
@@ -73,3 +74,4 @@ def test_install_routes_top_p_alone_and_leaves_top_k_to_vllm(monkeypatch):
     finally:
         top_p.uninstall()
     assert sampler.apply_top_k_top_p is original
+    sampler.apply_top_k_top_p = before  # as this test found it
