@@ -242,14 +242,9 @@ class RoundSteps:
         if k != self.recipe.rounds and (every == 0 or k % every):
             return {"skipped": f"eval.every={every}"}
         records, stats = self._sample(self.eval_rows, self._eval_settings())
-        m = self.models
-        with self.reference.at_eval() as reference:  # loaded for this step and freed, unless resident
-            kl_ref = kl_estimate(records, reference, m.pad_id, m.device, m.padding_free)
-        if self.reference.is_pi0:
-            kl_pi0 = kl_ref
-        else:
-            with m.frozen() as pi0:
-                kl_pi0 = kl_estimate(records, pi0, m.pad_id, m.device, m.padding_free)
+        # The reference, then pi_0: each loaded for its KL and freed before the next (unless resident).
+        kl_ref = self._kl(records, self.reference.at_eval())
+        kl_pi0 = kl_ref if self.reference.is_pi0 else self._kl(records, self.models.frozen())
         summary = sample_summary(records, self.eval_scorer)
         result = {"eval_judge_score": summary["judge_score"], "eval_judge_score_ci": summary["judge_score_ci"],
                   "eval_mean_length": summary["mean_length"],
@@ -264,6 +259,11 @@ class RoundSteps:
                           win_tie_rate_vs_pi0=wins["tie_rate"], win_failed_vs_pi0=wins["failed"])
         write_jsonl(self.run_dir.round(k) / "eval_samples.jsonl", records)  # with eval_score and vs_pi0
         return {**result, **self.beta.after_eval(k, kl_ref)}
+
+    def _kl(self, records, frozen) -> float:
+        m = self.models
+        with frozen as model:  # the model's last reference goes when this returns
+            return kl_estimate(records, model, m.pad_id, m.device, m.padding_free)
 
     def update_reference(self, k: int) -> dict:
         return self.reference.update(k, self.trainer.policy, self.policy_round)
