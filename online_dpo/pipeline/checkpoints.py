@@ -58,9 +58,8 @@ class Checkpoints:
             drain(stream)
 
     def _fill_policy(self, tmp: Path, policy, stream) -> None:
-        tied = self.models.policy_tied_names()  # loading re-ties them, as after save_pretrained
-        bucket = self.models.recipe.train.weight_bucket_mib * 2**20
-        write_safetensors_shards(tmp, buckets(((n, t) for n, t in stream if n not in tied), bucket))
+        # The stream leaves tied names out; loading re-ties them, as after save_pretrained.
+        write_safetensors_shards(tmp, buckets(stream, self.models.recipe.train.weight_bucket_mib * 2**20))
         self.models.write_model_config(tmp)
         self.models.tokenizer.save_pretrained(tmp)
 

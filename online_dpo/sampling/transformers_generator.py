@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from online_dpo.sampling.generator import Completion, SamplingSettings
 from online_dpo.training.losses import token_logps
+from online_dpo.training.weight_stream import tied_names
 
 
 class HFGenerator:
@@ -66,11 +67,11 @@ class HFGenerator:
         return [completions[i * settings.n:(i + 1) * settings.n] for i in range(len(batch))]
 
     @torch.no_grad()
-    @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Tensor by tensor, as the stream arrives; every name of the model must come."""
+        """Tensor by tensor, as the stream arrives; every name of the model must come but a tied
+        one (lm_head = the embeddings), which holds the same tensor."""
         own = self.model.state_dict()
-        missing = set(own)
+        missing = set(own) - tied_names(self.model)
         for name, tensor in named_tensors:
             if name not in own:
                 raise KeyError(f"the sampler's model has no weight {name!r}")

@@ -17,7 +17,7 @@ import torch
 from online_dpo.config.recipe import Recipe
 from online_dpo.sampling.generator import Generator
 from online_dpo.storage.model_files import torch_dtype
-from online_dpo.training.weight_stream import Counted, drain, tied_names
+from online_dpo.training.weight_stream import Counted, drain
 
 if TYPE_CHECKING:
     from online_dpo.training.models import Models
@@ -93,7 +93,7 @@ def sync_and_verify(models: Models, generator: Generator | None, tolerance: floa
     model = models.policy if model is None else model
     t0 = time.perf_counter()
     # A stream: one gathered tensor at a time when sharded; processes without an engine drain it.
-    stream = Counted(models.policy_weights(model), tied_names(models.accelerator.unwrap_model(model)))
+    stream = Counted(models.policy_weights(model))
     if generator is not None:
         generator.load_weights(iter(stream))
     else:

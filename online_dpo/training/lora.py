@@ -41,9 +41,9 @@ class AdapterDisabled(torch.nn.Module):
             return self._peft[0](*args, **kwargs)
 
 
-def merged_weights(peft_model):
-    """The base model's tensors under the base names, each adapted weight with its delta added as
-    it is yielded: one merged layer exists at a time, never a merged copy of the model."""
+def merged_weights(peft_model, skip: frozenset[str] | set[str] = frozenset()):
+    """The base model's tensors under the base names (but those in `skip`), each adapted weight with
+    its delta added as it is yielded: one merged layer exists at a time, never a merged copy."""
     base = peft_model.get_base_model()
     adapted = {f"{name}.weight": module for name, module in base.named_modules()
                if isinstance(module, LoraLayer) and module.active_adapters}
@@ -51,6 +51,8 @@ def merged_weights(peft_model):
         if ".lora_" in key:
             continue
         key = key.replace(".base_layer", "")
+        if key in skip:
+            continue
         layer = adapted.get(key)
         if layer is not None:
             with torch.no_grad():

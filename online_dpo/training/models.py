@@ -28,7 +28,7 @@ from online_dpo.training.logprobs import check_packing
 from online_dpo.training.lora import AdapterDisabled, add_adapter
 from online_dpo.training.losses import token_logps
 from online_dpo.training.memory import release_memory
-from online_dpo.training.weight_stream import Stream, full_weights, tied_names, whole
+from online_dpo.training.weight_stream import Stream, full_weights
 
 # A fixed probe scored by both the trainer and the sampler after every sync
 # (sampling/weight_sync.py). Any stale tensor in the sampler shows up as a log-prob mismatch.
@@ -100,15 +100,8 @@ class Models:
         config = AutoConfig.from_pretrained(self.model_dir)
         config.dtype = "float32"
         config.save_pretrained(folder)
-        self._base_policy().generation_config.save_pretrained(folder)
-
-    def _base_policy(self):
         policy = self.accelerator.unwrap_model(self.policy)
-        return policy.get_base_model() if self.lora is not None else policy
-
-    def policy_tied_names(self) -> set[str]:
-        """Names (as the weight stream gives them) that repeat an earlier tensor, e.g. a tied lm_head."""
-        return tied_names(self._base_policy())
+        (policy.get_base_model() if self.lora is not None else policy).generation_config.save_pretrained(folder)
 
     def policy_weights(self, model=None) -> Stream:
         """The policy's whole weights as a stream (online_dpo/training/weight_stream.py); every
@@ -117,7 +110,7 @@ class Models:
 
     def unwrapped_policy_state(self, model=None) -> dict[str, torch.Tensor]:
         """Whole weights at once: for small models and tests; weight movement streams."""
-        return whole(self.policy_weights(model))
+        return dict(self.policy_weights(model))
 
     def prompt_ids(self, prompt) -> list[int]:
         return prompt_token_ids(self.tokenizer, prompt)

@@ -7,7 +7,9 @@ consumer has it; under ZeRO-3 each parameter is gathered inside its own `Gathere
 process holds its shard plus one whole parameter, or one bucket where the consumer groups them
 (`buckets`: a server's transfer files, checkpoint shards). Replicated training yields the
 module's own tensors, which costs nothing. Under LoRA each adapted layer is merged as it is
-yielded, so no merged copy of the model exists.
+yielded, so no merged copy of the model exists. A tied name (lm_head = the embeddings) is left
+out before anything is gathered: each tensor moves once, and every consumer re-ties it (vLLM and
+transformers do on load).
 
 A consumer on a process that does not need the weights must still drain a sharded stream
 (`drain`), or the others wait in a gather forever.
@@ -26,33 +28,36 @@ Stream = Iterator[tuple[str, torch.Tensor]]
 
 
 def full_weights(accelerator, model, lora: bool = False) -> Stream:
-    """Whole tensors of `model` (the policy, wrapped or not), one at a time, under their HF names.
-    Tied names (lm_head = embeddings) come as the same tensor, or, gathered, a fresh copy."""
+    """Whole tensors of `model` (the policy, wrapped or not), one at a time, under their HF names,
+    tied names left out."""
+    module = accelerator.unwrap_model(model)  # ZeRO-3: the engine's module; FSDP2 shards in place
     if lora:
-        return merged_weights(accelerator.unwrap_model(model))
+        return merged_weights(module, skip=tied_names(module.get_base_model()))
+    tied = tied_names(module)
     if zero_stage(accelerator) == 3:
-        return _zero3(model)
-    if uses_deepspeed(accelerator):  # ZeRO-1/2: the module holds the whole, current weights
-        return iter(accelerator.unwrap_model(model).state_dict().items())
-    if is_sharded(accelerator):
-        return _fsdp2(model)
-    return iter(accelerator.unwrap_model(model).state_dict().items())
+        return _zero3(module, tied)
+    if is_sharded(accelerator) and not uses_deepspeed(accelerator):
+        return _fsdp2(module, tied)
+    # Replicated, or ZeRO-1/2: the module holds the whole, current weights.
+    return ((name, value) for name, value in module.state_dict().items() if name not in tied)
 
 
-def _fsdp2(model) -> Stream:
+def _fsdp2(module, skip: set[str]) -> Stream:
     from torch.distributed.tensor import DTensor
 
-    for name, value in model.state_dict().items():
-        yield name, value.full_tensor() if isinstance(value, DTensor) else value
+    for name, value in module.state_dict().items():
+        if name not in skip:
+            yield name, value.full_tensor() if isinstance(value, DTensor) else value
 
 
-def _zero3(engine) -> Stream:
+def _zero3(module, skip: set[str]) -> Stream:
     import deepspeed
 
-    module = engine.module
     params = dict(module.named_parameters(remove_duplicate=False))
     for name, value in module.state_dict().items():
         param = params.get(name)
+        if name in skip:
+            continue
         if param is None:  # a buffer: never partitioned
             yield name, value
             continue
@@ -64,11 +69,6 @@ def _zero3(engine) -> Stream:
 def drain(stream: Iterable) -> None:
     for _ in stream:
         pass
-
-
-def whole(stream: Stream) -> dict[str, torch.Tensor]:
-    """The stream collected: for tests and small models, where a whole state dict is fine."""
-    return dict(stream)
 
 
 def buckets(stream: Stream, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -97,14 +97,13 @@ def tied_names(model) -> set[str]:
 
 
 class Counted:
-    """A stream that counts what passes: tensors, and bytes with each tied tensor once."""
+    """A stream that counts what passes: tensors and bytes."""
 
-    def __init__(self, stream: Stream, tied: set[str]):
-        self.stream, self.tied, self.tensors, self.bytes = stream, tied, 0, 0
+    def __init__(self, stream: Stream):
+        self.stream, self.tensors, self.bytes = stream, 0, 0
 
     def __iter__(self) -> Stream:
         for name, tensor in self.stream:
             self.tensors += 1
-            if name not in self.tied:
-                self.bytes += tensor.numel() * tensor.element_size()
+            self.bytes += tensor.numel() * tensor.element_size()
             yield name, tensor
