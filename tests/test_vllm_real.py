@@ -27,7 +27,8 @@ def real_recipe(output_dir, **extra):
         "model": {"path": "smollm2"},
         "data": {"prompts": str(REPO / "recipes" / "data" / "prompts.jsonl"),
                  "prompts_per_round": 4, "eval_prompts": 2},
-        "generation": {"backend": "vllm", "samples_per_prompt": 2, "temperature": 0.8, "top_p": 0.95, "max_tokens": 24},
+        "generation": {"backend": "vllm", "samples_per_prompt": 2, "temperature": 0.8, "top_p": 0.95, "max_tokens": 24,
+                       "max_model_len": 1536},
         "judge": {"target": "judges.rules:ConciseAnswerJudge"},
         "train": {"learning_rate": 2e-5, "micro_batch_pairs": 2},
     }
@@ -42,6 +43,11 @@ def live(tmp_path_factory, smollm2_dir):
     generator = build_generator(recipe, models.model_dir, models.eos_ids, models.pad_id)
     yield models, generator
     generator.close()
+
+
+def test_the_engine_holds_the_recipes_max_model_len(live):
+    _, generator = live
+    assert generator.llm.llm_engine.model_config.max_model_len == 1536  # neither the old fixed 2048 nor the model's 8192
 
 
 def test_sampling_logprobs_match_the_trainer(live):
