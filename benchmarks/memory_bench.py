@@ -52,10 +52,11 @@ SHAPES = {
                      num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
                      max_position_embeddings=32768, rope_theta=1000000.0),
 }
-ROWS = {f"{m}-{p}p-{s}": (m, p, s) for m in SHAPES for p in (1, 2) for s in ("swap", "fixed", "ema", "lora")
-        if p == 1 or s in ("swap", "fixed")}  # FSDP2 takes neither EMA nor LoRA yet
+SCHEDULES = ("swap", "fixed", "ema", "lora", "lora-bf16")  # lora-bf16: LoRA on a bf16 frozen base
+ROWS = {f"{m}-{p}p-{s}": (m, p, s) for m in SHAPES for p in (1, 2) for s in SCHEDULES
+        if p == 1 or s != "ema"}  # FSDP2 does not take EMA (compat.py says why)
 DEFAULT_ROWS = ["tiny-1p-swap", "smollm2-1p-swap", "smollm2-1p-fixed", "smollm2-1p-ema", "smollm2-1p-lora", "smollm2-2p-swap",
-                "qwen0.5b-1p-swap", "qwen0.5b-2p-swap"]
+                "smollm2-2p-lora", "qwen0.5b-1p-swap", "qwen0.5b-2p-swap", "qwen0.5b-2p-lora", "qwen0.5b-2p-lora-bf16"]
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -170,22 +171,22 @@ def write_recipe(model_dir: Path, schedule: str, procs: int, work: Path) -> Path
                        "engines": "every_process" if procs > 1 else "process0"},
         "judge": {"target": "judges.rules:ConciseAnswerJudge", "kwargs": {"max_words": 20, "min_words": 1}},
         "train": {"micro_batch_pairs": 2, "learning_rate": 1e-5},
-        "reference": {"schedule": "fixed" if schedule == "lora" else schedule, "cache_logps": False},
+        "reference": {"schedule": "fixed" if schedule.startswith("lora") else schedule, "cache_logps": False},
         "eval": {"samples_per_prompt": 2, "win_rate_vs_pi0": False},
     }
-    if schedule == "lora":
-        recipe["train"]["lora"] = {"rank": 16}
+    if schedule.startswith("lora"):
+        recipe["train"]["lora"] = {"rank": 16, "base_dtype": "bfloat16" if schedule == "lora-bf16" else "float32"}
     path = work / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
 def floor_bytes(params: int, world: int, schedule: str, lora_params: int) -> int:
-    if schedule == "lora":
-        trained = 4 * params + 16 * lora_params
+    if schedule.startswith("lora"):  # the frozen base (sharded under FSDP2), the adapter trained
+        trained = ((2 if schedule == "lora-bf16" else 4) * params + 16 * lora_params) // world
     else:
         trained = 16 * params // world
-    frozen = {"fixed": 1, "swap": 1, "ema": 1, "lora": 0}[schedule] * 4 * params  # float32 on CPU
+    frozen = 0 if schedule.startswith("lora") else 4 * params  # one copy, float32 on CPU
     sampler = 4 * params + KV_GIB * 2**30  # an engine per process (float32 on CPU)
     return trained + frozen + sampler + BUCKET_BYTES
 
@@ -211,7 +212,7 @@ def run_row(name: str, work: Path) -> dict:
         return {"row": name, "failed": f"exit {done.returncode}: {errors}; log: {row_dir / 'stderr.txt'}"}
     ranks = [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(procs)]
     params = ranks[0]["params"]
-    lora_params = ranks[0]["trained_params"] if schedule == "lora" else 0
+    lora_params = ranks[0]["trained_params"] if schedule.startswith("lora") else 0
     if lora_params:
         params -= lora_params
     result = {"row": name, "params": params, "procs": procs, "schedule": schedule, "ranks": []}

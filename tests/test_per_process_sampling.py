@@ -50,16 +50,20 @@ def test_a_sampling_error_on_a_process_is_raised_by_every_process(monkeypatch):
 
     monkeypatch.setattr(samplers, "sample_records", broken)
     sampler = object.__new__(samplers.PerProcessSampler)  # no engine: the error path alone
-    sampler.models, sampler.generator, sampler.procs, sampler.rank = None, None, Processes(), 0
-    sampler.failed = False
+    procs = Processes()
+    sampler.models, sampler.generator, sampler.procs, sampler.rank = None, None, procs, 0
     with pytest.raises(samplers.SamplingError, match="process 0: RuntimeError: engine died"):
         sampler._sample_shard([{"prompt": "x"}], SamplingSettings(1, 1.0, 1.0, 4, 0))
-    assert sampler.failed
+    assert procs.broken
     released = []
-    monkeypatch.setattr(sampler, "_broadcast", released.append)
+    monkeypatch.setattr(procs, "_send", released.append)
     with pytest.raises(RuntimeError):
-        sampler.run_on_main(lambda: (_ for _ in ()).throw(RuntimeError("step failed")))
+        procs.serve(lambda: (_ for _ in ()).throw(RuntimeError("step failed")))
     assert released == []  # every process already raised: nobody to release
+    procs.broken = False
+    with pytest.raises(RuntimeError):
+        procs.serve(lambda: (_ for _ in ()).throw(RuntimeError("step failed")))
+    assert released == [None]  # process 0's own step failed: the others are released
 
 
 def test_the_recipe_key_is_validated():

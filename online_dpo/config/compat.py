@@ -165,9 +165,6 @@ def check_launch(recipe, accelerator) -> None:
         if accelerator.state.fsdp_plugin.fsdp_version != 2:
             raise RuntimeError("FSDP1 is not supported: set fsdp_version: 2 in the accelerate config "
                                "(recipes/accelerate/fsdp.yaml)")
-        if recipe.train.lora is not None:
-            raise RuntimeError("train.lora with FSDP is not supported; LoRA already keeps one model "
-                               "copy: launch it with recipes/accelerate/ddp.yaml")
         if recipe.reference.schedule == "ema":
             raise RuntimeError("reference.schedule: ema with FSDP is not supported (the EMA update "
                                "reads the sharded policy on one process); use fixed or swap")
@@ -185,8 +182,8 @@ def check_launch(recipe, accelerator) -> None:
 def _check_deepspeed(recipe, accelerator) -> None:
     plugin = accelerator.state.deepspeed_plugin
     if recipe.train.lora is not None:
-        raise RuntimeError("train.lora with DeepSpeed is not supported; LoRA already keeps one model "
-                           "copy: launch it with recipes/accelerate/ddp.yaml")
+        raise RuntimeError("train.lora with DeepSpeed is not supported: launch it with "
+                           "recipes/accelerate/fsdp.yaml (the frozen base sharded) or ddp.yaml")
     if plugin.deepspeed_config.get("fp16", {}).get("enabled") is True:
         # A dynamic loss scale skips the steps that overflow, silently: a resumed round would no
         # longer match an uninterrupted one, and a skipped round trains nothing.

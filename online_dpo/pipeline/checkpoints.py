@@ -16,8 +16,8 @@ from pathlib import Path
 
 from online_dpo.storage.artifacts import RunDir, write_dir_atomic
 from online_dpo.storage.model_files import write_safetensors_shards
-from online_dpo.training.lora import load_adapter, save_adapter
-from online_dpo.training.weight_stream import buckets, drain
+from online_dpo.training.lora import adapter_state, load_adapter, save_adapter
+from online_dpo.training.weight_stream import buckets, drain, whole_tensor
 
 POLICY = "checkpoint"
 REFERENCE = "reference_checkpoint"  # the EMA reference, whose state is not any round's policy
@@ -48,16 +48,23 @@ class Checkpoints:
         model.load_state_dict(self.models.load(folder).state_dict(), strict=True)
 
     def _load_policy(self, policy, folder: Path) -> None:
-        policy.load_state_dict(self.models.load(folder).state_dict(), strict=True)
+        # Before the trainer prepares (shards) the policy: where it was loaded.
+        policy.load_state_dict(self.models.load(folder, device=self.models.load_device).state_dict(), strict=True)
 
     def save_policy(self, k: int, policy) -> None:
         stream = self.models.policy_weights(policy)  # collective when sharded: every process drains it
+        extra = self._gather_extra(policy)
         if self.writer:
-            write_dir_atomic(self.run_dir.round(k) / POLICY, lambda tmp: self._fill_policy(tmp, policy, stream))
+            write_dir_atomic(self.run_dir.round(k) / POLICY,
+                             lambda tmp: self._fill_policy(tmp, policy, stream, extra))
         else:
             drain(stream)
 
-    def _fill_policy(self, tmp: Path, policy, stream) -> None:
+    def _gather_extra(self, policy):
+        """What the checkpoint holds beside the weights, gathered by every process (when sharded)."""
+        return None
+
+    def _fill_policy(self, tmp: Path, policy, stream, extra) -> None:
         # The stream leaves tied names out; loading re-ties them, as after save_pretrained.
         write_safetensors_shards(tmp, buckets(stream, self.models.recipe.train.weight_bucket_mib * 2**20))
         self.models.write_model_config(tmp)
@@ -88,9 +95,12 @@ class AdapterCheckpoints(Checkpoints):
     def _load_policy(self, policy, folder: Path) -> None:
         load_adapter(policy, folder)
 
-    def _fill_policy(self, tmp: Path, policy, stream) -> None:
-        super()._fill_policy(tmp, policy, stream)  # the stream merges each adapted layer as it goes
-        save_adapter(self.models.accelerator.unwrap_model(policy), tmp)
+    def _gather_extra(self, policy) -> dict:
+        return adapter_state(self.models.accelerator.unwrap_model(policy), whole=whole_tensor)
+
+    def _fill_policy(self, tmp: Path, policy, stream, adapter: dict) -> None:
+        super()._fill_policy(tmp, policy, stream, adapter)  # the stream merges each adapted layer as it goes
+        save_adapter(self.models.accelerator.unwrap_model(policy), tmp, adapter)
 
 
 def build_checkpoints(run_dir: RunDir, models, writer: bool) -> Checkpoints:

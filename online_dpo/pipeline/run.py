@@ -117,7 +117,7 @@ class Run:
         try:
             # pi_0 work first, while the fresh engine still holds pi_0's weights.
             if recipe.eval.win_rate_vs_pi0 and not procs.agree(self.run_dir.done(0, "pi0_eval")):
-                self.steps.sampler.run_on_main(self.steps.sample_pi0_eval)
+                self.procs.serve(self.steps.sample_pi0_eval)
             self.resume()
             for name in source.setup_steps:  # offline from pi_0: collect every round's pairs once
                 self.run_step(0, STEPS[name])
@@ -181,7 +181,7 @@ class Run:
                     padding_free=models.padding_free))
             self.tracking = build_tracking(recipe, self.run_dir, writer=self.main)  # opens lazily
             return RoundSteps(
-                recipe, self.run_dir, models=models, trainer=trainer, sampler=sampler, judges=judges,
+                recipe, self.run_dir, self.procs, models=models, trainer=trainer, sampler=sampler, judges=judges,
                 objective=objective, source=build_pair_source(recipe, objective, self.run_dir, models),
                 reference=build_reference(recipe, models, self.run_dir, checkpoints), checkpoints=checkpoints,
                 beta=build_beta(recipe.loss, self.run_dir), pi0_cache=pi0_cache,
@@ -217,8 +217,8 @@ class Run:
             return
         if step.every_process:
             self.timed_step(k, step)
-        else:  # process 0's step; with an engine per process, the others sample their shares of it
-            self.steps.sampler.run_on_main(lambda: self.timed_step(k, step))
+        else:  # process 0's step; the others serve what it asks (their share of sampling, a sharded forward)
+            self.procs.serve(lambda: self.timed_step(k, step))
         self.procs.barrier()  # the others wait for process 0's artifacts
         maybe_kill(f"round_{k}/{step.name}")
 

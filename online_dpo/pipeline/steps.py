@@ -45,9 +45,12 @@ class ReferenceMismatchError(RuntimeError):
 
 
 class RoundSteps:
-    def __init__(self, recipe, run_dir: RunDir, *, models, trainer, sampler, judges, objective,
+    def __init__(self, recipe, run_dir: RunDir, procs, *, models, trainer, sampler, judges, objective,
                  source, reference, checkpoints, beta, pi0_cache, train_rows, eval_rows, policy_round):
-        self.recipe, self.run_dir = recipe, run_dir
+        self.recipe, self.run_dir, self.procs = recipe, run_dir, procs
+        # LoRA under FSDP2: pi_0 is the sharded policy with its adapter off, so the eval step's
+        # KL to it (process 0's step) is a forward the others join.
+        procs.handlers["kl_to_pi0"] = lambda records: self._kl(records, models.frozen())
         # The sampler (online_dpo/sampling/samplers.py) hides where the engines are: process 0 or each process.
         self.models, self.trainer, self.sampler = models, trainer, sampler
         # Process 0 only (None elsewhere): the training judge, the eval judge and its scorer.
@@ -263,6 +266,8 @@ class RoundSteps:
     def _kl(self, records, frozen) -> float:
         m = self.models
         with frozen as model:  # the model's last reference goes when this returns
+            if self.procs.main and m.sharded_forward(model):
+                self.procs.ask("kl_to_pi0", records)  # the only frozen model that can be sharded
             return kl_estimate(records, model, m.pad_id, m.device, m.padding_free)
 
     def update_reference(self, k: int) -> dict:

@@ -38,7 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list, gather_object
+from accelerate.utils import gather_object
 
 from online_dpo.analysis.held_out import sample_records
 from online_dpo.sampling.generator import SamplingSettings
@@ -70,10 +70,6 @@ class InProcessSampler:
         """Before training: an engine in sleep mode frees its memory; the next sync wakes it."""
         if self.generator is not None:
             self.generator.release()
-
-    def run_on_main(self, work) -> None:
-        if self.procs.main:
-            work()
 
     def close(self) -> None:
         if self.generator is not None:
@@ -111,16 +107,16 @@ class PerProcessSampler(InProcessSampler):
     def __init__(self, models, generator, tolerance: float, procs, pi0_version: str | None = None):
         super().__init__(models, generator, tolerance, procs)
         self.rank = procs.state.process_index
-        self.failed = False  # a sampling error raised on every process at once
+        procs.handlers["sample"] = self._sample_shard  # while process 0 runs a step (Processes.serve)
         # A fresh engine holds pi_0: check every one now, while every process is here.
         self._check([self._probe(models.pi0_probe, version=pi0_version)[1]], "when built")
 
     # ------------------------------------------------------------------ sampling
 
     def sample(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
-        """Process 0, while the others serve (`run_on_main`): every process samples its shard."""
+        """Process 0, while the others serve (`Processes.serve`): every process samples its shard."""
         t0 = time.perf_counter()
-        self._broadcast((rows, settings))
+        self.procs.ask("sample", rows, settings)
         records, tokens = self._sample_shard(rows, settings)
         seconds = time.perf_counter() - t0
         return records, {"generation_seconds": seconds, "sampled_tokens": tokens,
@@ -137,7 +133,7 @@ class PerProcessSampler(InProcessSampler):
         parts = gather_object([part])  # in process order = prompt order
         errors = [error for _, _, error in parts if error]
         if errors:  # every process raises together; none is left waiting in a collective
-            self.failed = True
+            self.procs.broken = True
             raise SamplingError(f"sampling failed on {len(errors)} of {len(parts)} processes: {errors[0]}")
         return [r for records, _, _ in parts for r in records], sum(tokens for _, tokens, _ in parts)
 
@@ -150,24 +146,6 @@ class PerProcessSampler(InProcessSampler):
             super().close()
         finally:
             torch.distributed.destroy_process_group = destroy
-
-    def run_on_main(self, work) -> None:
-        if not self.procs.main:
-            while (request := self._broadcast(None)) is not None:
-                self._sample_shard(*request)
-            return
-        try:
-            work()
-        finally:  # releases the others, also when process 0's step fails (unless all failed together)
-            if not self.failed:
-                self._broadcast(None)
-
-    def _broadcast(self, value):
-        if self.procs.world == 1:
-            return value
-        box = [value]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
 
     # ------------------------------------------------------------------ weights
 

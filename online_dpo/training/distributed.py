@@ -14,6 +14,7 @@ whole weights after each step.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import accelerate.utils.other
 import torch
@@ -45,6 +46,35 @@ class Processes:
         self.state = PartialState(cpu=not torch.cuda.is_available())
         self.main = self.state.is_main_process
         self.world = self.state.num_processes
+        # What the other processes run when process 0 asks (`serve`, `ask`): sampling their share
+        # of the prompts, joining a sharded model's forward.
+        self.handlers: dict[str, Callable] = {}
+        self.broken = False  # every process raised together: nobody is left to release
+
+    def serve(self, work: Callable[[], None]) -> None:
+        """Process 0 runs `work` (a step of its own); meanwhile the others run what it asks for."""
+        if not self.main:
+            while (request := self._send(None)) is not None:
+                name, args = request
+                self.handlers[name](*args)
+            return
+        try:
+            work()
+        finally:  # releases the others, also when process 0's work fails (unless all failed together)
+            if not self.broken:
+                self._send(None)
+
+    def ask(self, name: str, *args) -> None:
+        """Process 0, inside `serve`: every other process runs handler `name` on `args` (process 0
+        then runs its own part, so the collectives meet)."""
+        self._send((name, args))
+
+    def _send(self, value):
+        if self.world == 1:
+            return value
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
 
     def agree(self, value):
         """Process 0's value, on every process."""

@@ -41,9 +41,12 @@ class AdapterDisabled(torch.nn.Module):
             return self._peft[0](*args, **kwargs)
 
 
-def merged_weights(peft_model, skip: frozenset[str] | set[str] = frozenset()):
+def merged_weights(peft_model, skip: frozenset[str] | set[str] = frozenset(), whole=None):
     """The base model's tensors under the base names (but those in `skip`), each adapted weight with
-    its delta added as it is yielded: one merged layer exists at a time, never a merged copy."""
+    its delta added as it is yielded: one merged layer exists at a time, never a merged copy.
+    `whole` makes a tensor whole (FSDP2: a DTensor's all-gather, which every process joins in the
+    same order); the delta of sharded A and B is computed by DTensor and gathered the same way."""
+    whole = whole or (lambda tensor: tensor)
     base = peft_model.get_base_model()
     adapted = {f"{name}.weight": module for name, module in base.named_modules()
                if isinstance(module, LoraLayer) and module.active_adapters}
@@ -53,14 +56,23 @@ def merged_weights(peft_model, skip: frozenset[str] | set[str] = frozenset()):
         key = key.replace(".base_layer", "")
         if key in skip:
             continue
+        value = whole(value)
         layer = adapted.get(key)
         if layer is not None:
-            with torch.no_grad():
-                value = value + layer.get_delta_weight(layer.active_adapters[0])
+            with torch.no_grad():  # float32 delta: a bf16 base's merged layer is float32
+                value = value + whole(layer.get_delta_weight(layer.active_adapters[0]))
         yield key, value
 
-def save_adapter(peft_model, folder: Path) -> None:
-    peft_model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True)
+
+def adapter_state(peft_model, whole=None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, whole (see `merged_weights`), under the policy's state-dict names."""
+    whole = whole or (lambda tensor: tensor)
+    return {key: whole(value) for key, value in peft_model.state_dict().items() if ".lora_" in key}
+
+
+def save_adapter(peft_model, folder: Path, state: dict[str, torch.Tensor]) -> None:
+    """`state` from `adapter_state`: gathered by every process, written by one."""
+    peft_model.save_pretrained(folder / ADAPTER_DIR, safe_serialization=True, state_dict=state)
 
 
 def load_adapter(peft_model, checkpoint: Path) -> None:

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from online_dpo.config.compat import check_launch
 from online_dpo.config.recipe import Recipe
 from online_dpo.data.prompts import prompt_token_ids
-from online_dpo.storage.model_files import resolve_model_path
-from online_dpo.training.distributed import load_models_whole
+from online_dpo.storage.model_files import resolve_model_path, torch_dtype
+from online_dpo.training.distributed import is_sharded, load_models_whole
 from online_dpo.training.logprobs import check_packing
 from online_dpo.training.lora import AdapterDisabled, add_adapter
 from online_dpo.training.losses import token_logps
@@ -52,14 +53,21 @@ class Models:
         )
         check_launch(recipe, self.accelerator)  # before loading: the checks are cheap, loads are not
         load_models_whole(self.accelerator)
+        kind = self.accelerator.distributed_type
         self.device = self.accelerator.device
         # Frozen models compute in the trainer's compute dtype: bf16 on CUDA; float32 on CPU.
         self.frozen_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
-        self.policy = self.load(self.model_dir).train()
+        # Where the policy is read: FSDP2 moves it to the accelerator one layer at a time as it
+        # shards it (fully_shard, when the trainer prepares it), so no GPU ever holds it whole.
+        self.load_device = torch.device("cpu") if kind == DistributedType.FSDP else self.device
         self.lora = recipe.train.lora
-        if self.lora is not None:
-            # One copy of the weights: pi_0 is the policy with its adapter off.
-            self.policy = add_adapter(self.policy, self.lora)
+        if self.lora is None:
+            self.policy = self.load(self.model_dir, device=self.load_device).train()  # float32 master weights
+        else:
+            # One copy of the weights, frozen in the compute dtype: pi_0 is the policy with its
+            # adapter off. Only the adapter (float32) trains.
+            base_dtype = torch_dtype(self.lora.base_dtype, self.device.type)
+            self.policy = add_adapter(self.load(self.model_dir, base_dtype, self.load_device).train(), self.lora)
             self.adapter_off = AdapterDisabled(self.policy)
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
@@ -67,7 +75,7 @@ class Models:
         self.eos_ids = sorted({self.tokenizer.eos_token_id, *self._generation_eos()})
         self.padding_free = recipe.train.padding_free
         if self.padding_free:
-            check_packing(self.policy, self.pad_id, self.device)
+            check_packing(self.policy, self.pad_id, self.load_device)
         # pi_0's probe log-probs, for checking a fresh engine (which holds pi_0) without pi_0 resident;
         # the policy is still pi_0 here, whole on every process.
         self.pi0_probe = self.trainer_probe_logps(self.policy)
@@ -76,8 +84,8 @@ class Models:
         eos = getattr(self.policy.generation_config, "eos_token_id", None)
         return [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
 
-    def load(self, folder: Path, dtype: torch.dtype = torch.float32):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(self.device)
+    def load(self, folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device or self.device)
 
     @contextlib.contextmanager
     def frozen(self, folder: Path | None = None) -> Iterator[torch.nn.Module]:
@@ -92,6 +100,11 @@ class Models:
         finally:
             del model
             release_memory()
+
+    def sharded_forward(self, model) -> bool:
+        """Whether `model`'s forward is collective: the sharded policy, or its adapter-off base."""
+        sharded = is_sharded(self.accelerator)
+        return sharded and (model is self.policy or (self.lora is not None and model is self.adapter_off))
 
     def write_model_config(self, folder: Path) -> None:
         """config.json (float32: the master weights) and generation_config.json of a checkpoint.
@@ -126,7 +139,9 @@ class Models:
         if isinstance(model, torch.Tensor):
             return model
         prompt, completion = self.probe_ids()
-        ids = torch.tensor([prompt + completion], device=self.device)
+        # The policy before the trainer prepares it may sit elsewhere (`load_device`).
+        param = next(iter(model.parameters()), None)
+        ids = torch.tensor([prompt + completion], device=self.device if param is None else param.device)
         model = self.accelerator.unwrap_model(model)
         was_training = model.training
         model.eval()

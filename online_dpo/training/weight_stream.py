@@ -31,8 +31,8 @@ def full_weights(accelerator, model, lora: bool = False) -> Stream:
     """Whole tensors of `model` (the policy, wrapped or not), one at a time, under their HF names,
     tied names left out."""
     module = accelerator.unwrap_model(model)  # ZeRO-3: the engine's module; FSDP2 shards in place
-    if lora:
-        return merged_weights(module, skip=tied_names(module.get_base_model()))
+    if lora:  # replicated or FSDP2 (compat refuses LoRA under DeepSpeed)
+        return merged_weights(module, skip=tied_names(module.get_base_model()), whole=whole_tensor)
     tied = tied_names(module)
     if zero_stage(accelerator) == 3:
         return _zero3(module, tied)
@@ -42,12 +42,17 @@ def full_weights(accelerator, model, lora: bool = False) -> Stream:
     return ((name, value) for name, value in module.state_dict().items() if name not in tied)
 
 
-def _fsdp2(module, skip: set[str]) -> Stream:
+def whole_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (an all-gather: collective), or the tensor itself."""
     from torch.distributed.tensor import DTensor
 
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def _fsdp2(module, skip: set[str]) -> Stream:
     for name, value in module.state_dict().items():
         if name not in skip:
-            yield name, value.full_tensor() if isinstance(value, DTensor) else value
+            yield name, whole_tensor(value)
 
 
 def _zero3(module, skip: set[str]) -> Stream:
