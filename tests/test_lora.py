@@ -63,3 +63,20 @@ def test_killed_lora_run_resumes_from_its_adapter(tiny_model_dir, prompts_file, 
     for a, b in zip(*rows):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
         assert a["judge_score"] == pytest.approx(b["judge_score"], abs=1e-9)
+
+
+def test_a_bf16_base_keeps_the_adapter_and_its_merge_in_float32(tiny_model_dir, prompts_file, tmp_path):
+    """train.lora.base_dtype: the frozen base in bf16 (the CUDA default), the adapter in float32;
+    the stream merges each adapted layer in float32 and passes the rest of the base as it is."""
+    from online_dpo.training.models import Models
+
+    lora = {**LORA, "train.lora": {**LORA["train.lora"], "base_dtype": "bfloat16"}}
+    models = Models(recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path, **lora)))
+    dtypes = {(p.requires_grad, p.dtype) for p in models.policy.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    merged = dict(models.policy_weights())
+    assert merged["model.layers.0.mlp.up_proj.weight"].dtype == torch.float32
+    assert merged["model.embed_tokens.weight"].dtype == torch.bfloat16
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).state_dict()
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert models.pi0_probe.dtype == torch.float32 and torch.isfinite(models.pi0_probe).all()

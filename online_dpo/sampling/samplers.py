@@ -42,6 +42,11 @@ from accelerate.utils import gather_object
 
 from online_dpo.analysis.held_out import sample_records
 from online_dpo.sampling.generator import SamplingSettings
+from online_dpo.sampling.placement import (
+    check_engine_fits,
+    colocated_budget,
+    shares_the_trainers_gpu,
+)
 from online_dpo.sampling.weight_sync import (
     WeightSyncError,
     build_generator,
@@ -210,6 +215,8 @@ def check_weight_versions(records: list[dict], expected: str, where: str) -> Non
 
 def build_sampler(recipe, models, procs, run_dir=None) -> InProcessSampler:
     def generator():
+        if torch.cuda.is_available() and shares_the_trainers_gpu(recipe.generation):
+            check_engine_fits(colocated_budget(recipe, models))  # vLLM's own check misses training
         return build_generator(recipe, models.model_dir, models.eos_ids, models.pad_id, run_dir)
 
     tolerance = probe_tolerance(recipe)
