@@ -71,7 +71,11 @@ def test_a_bf16_base_keeps_the_adapter_and_its_merge_in_float32(tiny_model_dir, 
     from online_dpo.training.models import Models
 
     lora = {**LORA, "train.lora": {**LORA["train.lora"], "base_dtype": "bfloat16"}}
-    models = Models(recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path, **lora)))
+    from online_dpo.sampling.weight_sync import probe_tolerance
+
+    recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path, **lora))
+    assert probe_tolerance(recipe) == 0.1  # a float32 sampler against a bf16 trainer: bf16 rounding
+    models = Models(recipe)
     dtypes = {(p.requires_grad, p.dtype) for p in models.policy.parameters()}
     assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
     merged = dict(models.policy_weights())

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import httpx
 import pytest
 import torch
 import yaml
@@ -53,12 +54,24 @@ def on_server(url, **server):
     return {"backend": "vllm_server", "server": {"url": url, "timeout_s": 60, **server}}
 
 
+SERVER_MAX_MODEL_LEN = 1536  # not the default, so a launch that dropped the recipe's key shows
+
+
 @pytest.fixture(scope="module")
 def server(smollm2_dir, tmp_path_factory):
-    launched = LaunchedServer(smollm2_dir, ServerLaunchConfig(), dtype=torch.float32, kv_cache_gib=1,
-                              log_path=tmp_path_factory.mktemp("server") / "vllm_server.log")
-    yield launched
-    launched.stop()
+    """A `vllm serve` launched from a recipe (generation.server.launch), as a run launches it."""
+    run_dir = tmp_path_factory.mktemp("server")
+    generation = {"backend": "vllm_server", "max_model_len": SERVER_MAX_MODEL_LEN, "server": {"launch": {}}}
+    recipe = recipe_from_dict(recipe_dict(run_dir, "launcher", generation))
+    generator = build_server_generator(recipe, smollm2_dir, torch.float32, run_dir)
+    generator.client.close()  # the tests talk to it through their own runs' clients
+    yield generator.launched
+    generator.launched.stop()
+
+
+def test_the_launched_server_holds_the_recipes_max_model_len(server):
+    served = httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]
+    assert [model["max_model_len"] for model in served] == [SERVER_MAX_MODEL_LEN]
 
 
 def rounds_of(run_dir):

@@ -69,7 +69,7 @@ class GenerationConfig(Section):
     longer than max_model_len - max_tokens are dropped at load (data.max_prompt_tokens)."""
     probe_tolerance: Float | None = Field(None, gt=0)
     """Max |sampler - trainer| per-token log-prob on the probe after each weight sync. None: 2e-3
-    for a float32 sampler, 0.1 for a bfloat16 one (the trainer scores in float32)."""
+    when both are float32, 0.1 when either is bfloat16 (a bf16 sampler, a LoRA run's bf16 base)."""
     kv_cache_gib: Int = Field(1, gt=0)
     """vLLM CPU KV cache size (VLLM_CPU_KVCACHE_SPACE)."""
     gpu_memory_utilization: Float = Field(0.4, gt=0, le=1)

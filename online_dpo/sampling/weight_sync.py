@@ -32,11 +32,15 @@ def sampler_dtype(recipe: Recipe) -> torch.dtype:
 
 
 def probe_tolerance(recipe: Recipe) -> float:
-    """Per-token probe tolerance. The trainer scores in float32, so a bfloat16 sampler differs
-    by its rounding alone; the tolerance says how close the sampler is guaranteed to be."""
+    """Per-token probe tolerance. The trainer scores in float32 (but on a LoRA run's bf16 base), so
+    where either side is bfloat16 they differ by its rounding alone; the tolerance says how close
+    the sampler is guaranteed to be."""
     if recipe.generation.probe_tolerance is not None:
         return recipe.generation.probe_tolerance
-    return 2e-3 if sampler_dtype(recipe) == torch.float32 else 0.1
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lora = recipe.train.lora
+    trainer = torch.float32 if lora is None else torch_dtype(lora.base_dtype, device)
+    return 2e-3 if sampler_dtype(recipe) == torch.float32 and trainer == torch.float32 else 0.1
 
 
 def build_generator(recipe: Recipe, model_dir: Path, eos_ids: list[int], pad_id: int,

@@ -37,6 +37,7 @@ class DPOTrainer:
         if self.deepspeed:
             prepare_deepspeed_config(accelerator, train)
         self.policy, self.optimizer = accelerator.prepare(policy, optimizer)
+        release_memory()  # sharding freed each process's whole copy of the policy: give it back
 
     @property
     def device(self) -> torch.device:
