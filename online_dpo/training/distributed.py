@@ -132,3 +132,16 @@ def prepare_deepspeed_config(accelerator, train) -> None:
     config.update(gradient_accumulation_steps=1, gradient_clipping=train.max_grad_norm,
                   train_micro_batch_size_per_gpu=train.micro_batch_pairs)
     config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world
+
+
+def reshard_root(model) -> None:
+    """FSDP2 keeps its root module's parameters (the embeddings, the head, the final norm) whole
+    after a forward, for the backward it expects next. After a forward with no backward (scoring,
+    the probe, eval's KL) they would stay whole until the next train step: shard them again.
+    A no-op for any other model."""
+    from torch.distributed.fsdp import FSDPModule
+
+    module = getattr(model, "wrapped", model)  # the policy behind its adapter-off view
+    if isinstance(module, FSDPModule):
+        module.reshard()
+

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from online_dpo.training.distributed import reshard_root
 from online_dpo.training.losses import token_logps
 from online_dpo.training.packing import (
     PackingUnsupportedError,
@@ -70,6 +71,7 @@ def score_sequences(model, sequences: Sequences, pad_id: int, device: torch.devi
         idx = order[start:start + batch_size]
         summed, lengths = completion_logps(model, [sequences[i] for i in idx], pad_id, device, padding_free)
         out[idx] = (summed / lengths.clamp(min=1) if average else summed).float().cpu()
+    reshard_root(model)
     return out
 
 

@@ -33,6 +33,10 @@ class AdapterDisabled(torch.nn.Module):
         super().__init__()
         self._peft = [peft_model]  # a list, so the policy is not registered as a submodule
 
+    @property
+    def wrapped(self):
+        return self._peft[0]
+
     def get_output_embeddings(self):
         return self._peft[0].get_output_embeddings()
 

@@ -24,7 +24,7 @@ from online_dpo.config.compat import check_launch
 from online_dpo.config.recipe import Recipe
 from online_dpo.data.prompts import prompt_token_ids
 from online_dpo.storage.model_files import resolve_model_path, torch_dtype
-from online_dpo.training.distributed import is_sharded, load_models_whole
+from online_dpo.training.distributed import is_sharded, load_models_whole, reshard_root
 from online_dpo.training.logprobs import check_packing
 from online_dpo.training.lora import AdapterDisabled, add_adapter
 from online_dpo.training.losses import token_logps
@@ -147,5 +147,6 @@ class Models:
         model.eval()
         logits = model(input_ids=ids).logits
         model.train(was_training)
+        reshard_root(model)
         return token_logps(logits, ids)[0, len(prompt) - 1:].float().cpu()
 
