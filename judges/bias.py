@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from judges.protocol import Judgment, Preference, Row
 
 _SWAP = {Preference.FIRST: Preference.SECOND, Preference.SECOND: Preference.FIRST}
@@ -18,6 +20,7 @@ class BothOrders:
         self.disagreement = Preference.TIE if disagreement == "tie" else Preference.FAILED
         self.compared = 0
         self.flipped = 0
+        self._lock = threading.Lock()  # judged from several threads at once (judge.concurrency)
 
     @property
     def pointwise(self) -> bool:
@@ -25,8 +28,15 @@ class BothOrders:
         still ranks a prompt's samples by n scores, not by n(n-1) pairwise calls."""
         return bool(getattr(self.inner, "pointwise", False))
 
+    @property
+    def concurrency(self) -> int:
+        return getattr(self.inner, "concurrency", 1)
+
     def score_many(self, row: Row, completions: list[str]):
         return self.inner.score_many(row, completions)
+
+    def prefetch_scores(self, items) -> None:
+        self.inner.prefetch_scores(items)
 
     def close(self) -> None:
         if callable(getattr(self.inner, "close", None)):
@@ -40,15 +50,18 @@ class BothOrders:
         if backward.preference == Preference.FAILED:
             return backward
         backward_as_forward = _SWAP.get(backward.preference, backward.preference)
-        self.compared += 1
-        if backward_as_forward == forward.preference:
+        agree = backward_as_forward == forward.preference
+        with self._lock:
+            self.compared += 1
+            self.flipped += not agree
+        if agree:
             return forward
-        self.flipped += 1
         return Judgment(self.disagreement,
                         f"order-dependent: {forward.preference.value} in order AB, "
                         f"{backward.preference.value} in order BA")
 
     def pop_stats(self) -> dict:
-        stats = {"position_flip_rate": self.flipped / self.compared if self.compared else None}
-        self.compared = self.flipped = 0
+        with self._lock:
+            stats = {"position_flip_rate": self.flipped / self.compared if self.compared else None}
+            self.compared = self.flipped = 0
         return stats

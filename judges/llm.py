@@ -185,7 +185,13 @@ class LocalBackend:
 
 
 class LLMJudge:
-    """Pairwise. `template` has {prompt}, {first} and {second}; the reply must be A, B or TIE."""
+    """Pairwise. `template` has {prompt}, {first} and {second}; the reply must be A, B or TIE.
+
+    `concurrency`: prompts judged at once by default (judge.concurrency overrides it). A server
+    batches concurrent requests, so over HTTP 16 are in flight; a model in this process takes
+    one request at a time."""
+
+    HTTP_CONCURRENCY = 16
 
     def __init__(self, backend: str, model: str, template: str = DEFAULT_TEMPLATE,
                  base_url: str | None = None, api_key_env: str | None = None,
@@ -203,8 +209,10 @@ class LLMJudge:
             self.backend = HTTPChatBackend(base_url, model, api_key_env, timeout_s, temperature,
                                            max_tokens, extra_body)
             self.backend._key()  # a missing key stops the run before any model loads
+            self.concurrency = self.HTTP_CONCURRENCY
         elif backend in ("transformers", "vllm"):
             self.backend = LocalBackend(backend, model, max_tokens, max_model_len)
+            self.concurrency = 1
         else:
             raise ValueError(f"LLMJudge backend must be http, transformers or vllm, got {backend!r}")
 

@@ -104,8 +104,9 @@ def build_judge_stack(cfg, cache_path=None, base=None):
 
     base = build_judge(cfg.target, cfg.kwargs) if base is None else base
     fingerprint = json.dumps([cfg.target, cfg.kwargs], sort_keys=True, default=str)
+    concurrency = cfg.concurrency or getattr(base, "concurrency", 1)
     reliable = ReliableJudge(base, fingerprint=fingerprint, retries=cfg.retries,
                              timeout_s=cfg.timeout_s, backoff_s=cfg.backoff_s,
-                             cache=JudgeCache(cache_path if cfg.cache else None))
+                             cache=JudgeCache(cache_path if cfg.cache else None), concurrency=concurrency)
     judge = BothOrders(reliable, cfg.disagreement) if cfg.both_orders else reliable
     return judge, (reliable if reliable.pointwise else None)

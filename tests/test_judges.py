@@ -8,7 +8,7 @@ from judges.loading import JudgeLoadError, build_judge, validate_judge_target
 from judges.protocol import Judgment, PairwiseJudge, PointwiseAsPairwise, PointwiseJudge, Preference
 from judges.reliable import JudgeCache, ReliableJudge
 from judges.rules import ConciseAnswerJudge
-from online_dpo.pipeline.pair_selection import FAILED, KEPT, TIE, judge_samples
+from online_dpo.pipeline.pair_selection import FAILED, KEPT, TIE, judge_prompts, judge_samples
 
 ROW = {"prompt": "Tell me one interesting fact about volcanoes."}
 
@@ -67,31 +67,31 @@ def stack(judge, **kwargs):
 
 
 def test_best_vs_worst_pointwise():
-    rec = judge_samples(stack(Lengthy()), ROW, ["aa", "a", "aaaa", "aaa"], "best_vs_worst", random.Random(0))
+    rec = judge_samples(stack(Lengthy()), ROW, ["aa", "a", "aaaa", "aaa"], "best_vs_worst")
     assert rec["status"] == KEPT and rec["chosen"] == 2 and rec["rejected"] == 1
     assert rec["scores"] == [2.0, 1.0, 4.0, 3.0]
 
 
 def test_ties_are_dropped_never_given_to_a_side():
-    rec = judge_samples(stack(Lengthy()), ROW, ["ab", "cd", "ef"], "best_vs_worst", random.Random(0))
+    rec = judge_samples(stack(Lengthy()), ROW, ["ab", "cd", "ef"], "best_vs_worst")
     assert rec["status"] == TIE and rec["chosen"] is None and rec["rejected"] is None
 
 
 @pytest.mark.parametrize("judge, reason", [(Crashes(), "RuntimeError: backend down"),
                                            (NaNs(), "non-finite")])
 def test_failing_pointwise_judges_are_recorded(judge, reason):
-    rec = judge_samples(stack(judge), ROW, ["a", "bb"], "best_vs_worst", random.Random(0))
+    rec = judge_samples(stack(judge), ROW, ["a", "bb"], "best_vs_worst")
     assert rec["status"] == FAILED and reason in rec["reason"]
 
 
 def test_garbage_pairwise_answer_is_a_failure():
-    rec = judge_samples(stack(Garbage()), ROW, ["a", "bb"], "random", random.Random(0))
+    rec = judge_samples(stack(Garbage()), ROW, ["a", "bb"], "random", random.Random(0).sample(range(2), 2))
     assert rec["status"] == FAILED and "not a Judgment" in rec["reason"]
     assert "failed after 3 attempts" in rec["reason"]
 
 
 def test_round_robin_for_pairwise_only_judges():
-    rec = judge_samples(stack(PreferShorter()), ROW, ["aaa", "a", "aa"], "best_vs_worst", random.Random(0))
+    rec = judge_samples(stack(PreferShorter()), ROW, ["aaa", "a", "aa"], "best_vs_worst")
     assert rec["status"] == KEPT and rec["chosen"] == 1 and rec["rejected"] == 0
     assert len(rec["comparisons"]) == 3
 
@@ -100,7 +100,7 @@ def test_random_pair_strategy_uses_two_distinct_samples():
     texts = ["a", "bb", "ccc", "dddd"]
     drawn = set()
     for seed in range(20):
-        rec = judge_samples(stack(Lengthy()), ROW, texts, "random", random.Random(seed))
+        (rec,) = judge_prompts(stack(Lengthy()), [(ROW, texts)], "random", random.Random(seed))
         assert rec["status"] == KEPT and rec["chosen"] != rec["rejected"]
         (comparison,) = rec["comparisons"]  # one judge call: the drawn pair
         assert {comparison["first"], comparison["second"]} == {rec["chosen"], rec["rejected"]}
@@ -214,9 +214,9 @@ def test_both_orders_turns_position_bias_into_ties():
 
 def test_length_control_ties_much_longer_winners():
     texts = ["one two three four five six", "one"]
-    rec = judge_samples(stack(Lengthy()), ROW, texts, "best_vs_worst", random.Random(0), max_length_ratio=2.0)
+    rec = judge_samples(stack(Lengthy()), ROW, texts, "best_vs_worst", max_length_ratio=2.0)
     assert rec["status"] == TIE and "length control" in rec["reason"]
-    rec = judge_samples(stack(Lengthy()), ROW, texts, "best_vs_worst", random.Random(0), max_length_ratio=10.0)
+    rec = judge_samples(stack(Lengthy()), ROW, texts, "best_vs_worst", max_length_ratio=10.0)
     assert rec["status"] == KEPT
 
 
@@ -241,7 +241,7 @@ def test_a_pointwise_judge_behind_both_orders_is_scored_not_compared():
     """A score does not depend on order: with judge.both_orders a pointwise judge still ranks n
     samples by n score calls, not by n(n-1) pairwise calls of two scores each."""
     reliable = stack(Lengthy())
-    rec = judge_samples(BothOrders(reliable), ROW, ["aa", "a", "aaaa", "aaa"], "best_vs_worst", random.Random(0))
+    rec = judge_samples(BothOrders(reliable), ROW, ["aa", "a", "aaaa", "aaa"], "best_vs_worst")
     assert rec["scores"] == [2.0, 1.0, 4.0, 3.0] and (rec["chosen"], rec["rejected"]) == (2, 1)
     assert rec["comparisons"] == [] and reliable.pop_stats()["judge_calls"] == 4
 

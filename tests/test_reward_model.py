@@ -60,7 +60,8 @@ def test_reward_model_judge_in_a_run(tiny_model_dir, tiny_rm_dir, prompts_file, 
                                    "kwargs": {"path": str(tiny_rm_dir), "batch_size": 4}})
     rows = Run(recipe_from_dict(data)).execute()
     assert rows[0]["pairs_kept"] == 4  # continuous scores: no ties
-    assert rows[0]["judge_calls"] == 4  # one batched call per prompt, not one per sample
+    assert rows[0]["judge_calls"] == 1  # one batched call across the round's prompts
+    assert rows[0]["reward_model_truncated"] == 0
     assert rows[0]["judge_score"] is not None
 
 
@@ -106,3 +107,59 @@ def test_trained_reward_model_agrees_with_the_runs_judge(tiny_model_dir, tmp_pat
     # ... and those are the run's own pairs: each held-out pair is one the rule judge picked.
     picked = {(json.dumps(r["row"]["prompt"], sort_keys=True), r["chosen"], r["rejected"]) for r in load_pairs(str(pairs))}
     assert all((json.dumps(p["row"]["prompt"], sort_keys=True), p["chosen"], p["rejected"]) in picked for p in held_out)
+
+
+def test_length_batches_group_similar_lengths_under_both_bounds():
+    from judges.reward_model import length_batches
+
+    lengths = [50, 3, 40, 7, 45, 5, 300]
+    batches = length_batches(lengths, max_seqs=3, max_tokens=120)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 120)
+    assert batches[0] == [1, 5, 3]  # the shortest together
+    assert [6] in batches  # too long to share: alone
+
+
+def test_reward_model_batches_across_prompts_and_keeps_the_end_of_a_long_sample(tiny_rm_dir):
+    from judges.reliable import ReliableJudge
+
+    judge = RewardModelJudge(str(tiny_rm_dir), max_length=24, batch_size=3)
+    rows = [{"prompt": f"Question {i}?"} for i in range(4)]
+    items = [(row, answer) for row in rows for answer in ("Yes.", "No, not at all.", "Maybe later.")]
+    together = judge.score_batch(items)
+    alone = [judge.score(row, answer) for row, answer in items]
+    assert together == pytest.approx(alone, abs=1e-5)  # sorting and padding change no score
+    assert judge.pop_stats() == {"reward_model_truncated": 0}
+    long_a = ("word " * 40) + "The answer is yes."
+    long_b = ("word " * 40) + "The answer is no."
+    a, b = judge.score_batch([(rows[0], long_a), (rows[0], long_b)])
+    assert a != pytest.approx(b, abs=1e-6)  # cut at the start: the differing ends are scored
+    assert judge.pop_stats() == {"reward_model_truncated": 2}
+    strict = ReliableJudge(RewardModelJudge(str(tiny_rm_dir), max_length=24, on_truncation="fail"), fingerprint="s")
+    (short, _), (failed, reason) = strict.score_many(rows[0], ["Yes.", long_a])
+    assert short is not None and failed is None and "longer than max_length=24" in reason
+
+
+def test_prefetch_scores_a_round_in_one_call_with_the_same_results(tiny_rm_dir):
+    import random
+
+    from judges.reliable import ReliableJudge
+    from online_dpo.pipeline.pair_selection import judge_prompts
+
+    prompts = [({"prompt": f"Question {i}?"}, ["Yes.", "No, not at all.", "Maybe later, if at all."]) for i in range(6)]
+    records = {}
+    for prefetch in (False, True):
+        model = RewardModelJudge(str(tiny_rm_dir))
+        calls = []
+        batch = model.score_batch
+        model.score_batch = lambda items, batch=batch, calls=calls: calls.append(len(items)) or batch(items)
+        judge = ReliableJudge(model, fingerprint="p")
+        if prefetch:
+            judge.prefetch_scores([(row, t) for row, texts in prompts for t in texts])
+        records[prefetch] = list(judge_prompts(judge, prompts, "best_vs_worst", random.Random(0)))
+        assert calls == ([18] if prefetch else [3] * 6)  # one call across prompts, or one per prompt
+        assert judge.pop_stats()["judge_cache_hits"] == 0  # paid for this round, not a resume's hit
+    for a, b in zip(records[True], records[False], strict=True):  # other batches: float rounding only
+        assert (a["status"], a["chosen"], a["rejected"]) == (b["status"], b["chosen"], b["rejected"])
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-6)

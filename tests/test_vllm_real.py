@@ -151,6 +151,14 @@ def test_large_seeded_batches_do_not_crash(live):
     assert len(out) == 48 and all(len(c) == 4 for c in out)
 
 
+def test_cuda_samples_in_one_call_and_the_cpu_in_calls_that_fit_a_step():
+    from online_dpo.sampling.vllm_engine import fit_batches, sampling_calls
+
+    prompts = [[0] * 3000] * 40  # 40 x 3,000 prompt tokens x 4 samples: far over one 16k step
+    assert sampling_calls(prompts, 4, on_cuda=True) == [range(40)]
+    assert sampling_calls(prompts, 4, on_cuda=False) == fit_batches(prompts, 4) and len(fit_batches(prompts, 4)) > 1
+
+
 def test_fit_batches_bounds():
     from online_dpo.sampling.vllm_engine import fit_batches
 

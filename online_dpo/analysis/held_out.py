@@ -12,6 +12,7 @@ import torch
 
 from judges.bias import BothOrders
 from judges.protocol import Preference
+from judges.reliable import map_in_order
 from online_dpo.analysis.statistics import bootstrap_mean, wilson
 from online_dpo.sampling.generator import SamplingSettings
 from online_dpo.training.logprobs import score_sequences
@@ -52,6 +53,7 @@ def sample_summary(records: list[dict], scorer) -> dict:
     samples = [s for r in records for s in r["samples"]]
     scores, per_prompt = [], []
     if scorer is not None:
+        scorer.prefetch_scores([(r["row"], s["text"]) for r in records for s in r["samples"]])
         for r in records:
             values = [v for v, _ in scorer.score_many(r["row"], [s["text"] for s in r["samples"]])]
             for sample, v in zip(r["samples"], values, strict=True):
@@ -69,12 +71,17 @@ def win_rate(judge, policy: list[dict], baseline: list[dict]) -> dict:
     """Policy sample i of each prompt against baseline sample i of the same prompt."""
     judge = judge if isinstance(judge, BothOrders) else BothOrders(judge)
     outcomes = {Preference.FIRST: "wins", Preference.SECOND: "losses", Preference.TIE: "ties"}
-    per_prompt = []  # each prompt's counts, for intervals and paired comparisons later
-    for p, b in zip(policy, baseline, strict=True):
+
+    def prompt_counts(prompt: tuple[dict, dict]) -> dict[str, int]:
+        p, b = prompt
         counts = dict.fromkeys(("wins", "losses", "ties", "failed"), 0)
         for ps, bs in zip(p["samples"], b["samples"], strict=False):
             counts[outcomes.get(judge.judge(p["row"], ps["text"], bs["text"]).preference, "failed")] += 1
-        per_prompt.append(counts)
+        return counts
+
+    # Each prompt's counts, for intervals and paired comparisons later; prompts judged at once as
+    # in the judge step (judge.concurrency).
+    per_prompt = list(map_in_order(prompt_counts, list(zip(policy, baseline, strict=True)), judge.concurrency))
     wins, losses, ties, failed = (sum(c[key] for c in per_prompt) for key in ("wins", "losses", "ties", "failed"))
     judged = wins + losses + ties
     interval = wilson(wins + ties / 2, judged)  # ties count half: see online_dpo.analysis.statistics.wilson

@@ -51,6 +51,9 @@ class JudgeConfig(Section):
     disagreement: Literal["tie", "failed"] = "tie"
     cache: Bool = True
     """Keep successful judgments in runs/<name>/judge_cache.jsonl; a resumed run reuses them."""
+    concurrency: Int | None = Field(None, gt=0)
+    """Prompts judged at once (each prompt's calls stay in order). None: the judge class's own
+    `concurrency` attribute (LLMJudge over HTTP: 16; a model in this process: 1), else 1."""
 
 
 class PairsConfig(Section):

@@ -9,23 +9,40 @@ first sample; we don't).
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from typing import Any
 
 from judges.protocol import Judgment, Preference
+from judges.reliable import map_in_order
 from online_dpo.data.offline_pairs import EXAMPLE_COLUMNS, PAIR_COLUMNS
 
 KEPT, TIE, FAILED = "kept", "tie", "failed"
 
 
-def judge_samples(judge, row: dict, texts: list[str], strategy: str, rng: random.Random,
+def judge_prompts(judge, prompts: list[tuple[dict, list[str]]], strategy: str, rng: random.Random,
+                  max_length_ratio: float | None = None, concurrency: int = 1) -> Iterator[dict[str, Any]]:
+    """`judge_samples` for each (row, texts), yielded in prompt order, with up to `concurrency`
+    prompts judged at once. The random strategy's picks are drawn first, in prompt order, so the
+    pairs do not depend on which judgment comes back first (judges.reliable.map_in_order)."""
+    picks = [rng.sample(range(len(texts)), 2) if strategy == "random" else None for _, texts in prompts]
+
+    def one(n: int) -> dict[str, Any]:
+        row, texts = prompts[n]
+        return judge_samples(judge, row, texts, strategy, picks[n], max_length_ratio)
+
+    return map_in_order(one, range(len(prompts)), concurrency)
+
+
+def judge_samples(judge, row: dict, texts: list[str], strategy: str, pick: list[int] | None = None,
                   max_length_ratio: float | None = None) -> dict[str, Any]:
     """A record: per-sample scores (pointwise judges), the comparisons made, and the pair.
 
+    `pick` is the random strategy's pair of sample indices (`judge_prompts` draws them).
     `max_length_ratio` is a length control: a winner more than that many times longer (in words)
     than the loser is called a tie instead of teaching the policy that longer is better.
     """
     if strategy == "random":
-        i, j = rng.sample(range(len(texts)), 2)
+        i, j = pick
         judgment = judge.judge(row, texts[i], texts[j])
         record = _record(None, [(i, j, judgment)], i, j, judgment)
     elif getattr(judge, "pointwise", False):

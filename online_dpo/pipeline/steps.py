@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from online_dpo.analysis.held_out import kl_estimate, sample_summary, win_rate
 from online_dpo.faults import maybe_kill
-from online_dpo.pipeline.pair_selection import FAILED, KEPT, TIE, judge_samples
+from online_dpo.pipeline.pair_selection import FAILED, KEPT, TIE, judge_prompts
 from online_dpo.pipeline.pair_sources import add_replay
 from online_dpo.sampling.generator import SamplingSettings
 from online_dpo.sampling.samplers import check_weight_versions, policy_version, run_label
@@ -55,6 +55,7 @@ class RoundSteps:
         self.models, self.trainer, self.sampler = models, trainer, sampler
         # Process 0 only (None elsewhere): the training judge, the eval judge and its scorer.
         self.judge_stack, self.eval_judge, self.eval_scorer = judges
+        self.judge_concurrency = getattr(self.judge_stack, "concurrency", 1)  # judge.concurrency, resolved
         self.objective, self.source, self.reference = objective, source, reference
         self.checkpoints, self.beta, self.pi0_cache = checkpoints, beta, pi0_cache
         self.train_rows, self.eval_rows = train_rows, eval_rows
@@ -118,11 +119,20 @@ class RoundSteps:
         rng = random.Random(self.recipe.seed * 7919 + k)
         pairs_cfg, judge_cfg = self.recipe.pairs, self.recipe.judge
         judgments = []
-        for i, rec in enumerate(tqdm(records, desc=f"round {k} judge", leave=False)):
+        prompts = [(rec["row"], [s["text"] for s in rec["samples"]]) for rec in records]
+        if getattr(self.judge_stack, "pointwise", False) and pairs_cfg.strategy != "random":
+            # A reward model scores the whole round at once, in batches across prompts.
+            self.judge_stack.prefetch_scores([(row, text) for row, texts in prompts for text in texts])
+        results = judge_prompts(self.judge_stack, prompts, pairs_cfg.strategy, rng, pairs_cfg.max_length_ratio,
+                                concurrency=self.judge_concurrency)
+        progress = tqdm(total=len(records), desc=f"round {k} judge", leave=False)
+        for i in range(len(prompts)):
             if i:
-                maybe_kill(f"round_{k}/judge_prompt_{i}")  # i prompts judged (and cached)
-            judgments.append(judge_samples(self.judge_stack, rec["row"], [s["text"] for s in rec["samples"]],
-                                           pairs_cfg.strategy, rng, pairs_cfg.max_length_ratio))
+                maybe_kill(f"round_{k}/judge_prompt_{i}")  # i prompts judged (and cached), more in flight
+            judgments.append(next(results))
+            progress.update()
+            progress.set_postfix(failed=sum(j["status"] == FAILED for j in judgments), refresh=False)
+        progress.close()
         write_jsonl(self.run_dir.round(k) / "judgments.jsonl", judgments)
         counts = {s: sum(j["status"] == s for j in judgments) for s in (KEPT, TIE, FAILED)}
         if counts[FAILED] / max(len(judgments), 1) > judge_cfg.max_failure_rate:

