@@ -56,7 +56,7 @@ def test_a_sampling_error_on_a_process_is_raised_by_every_process(monkeypatch):
         sampler._sample_shard([{"prompt": "x"}], SamplingSettings(1, 1.0, 1.0, 4, 0))
     assert procs.broken
     released = []
-    monkeypatch.setattr(procs, "_send", released.append)
+    monkeypatch.setattr(procs, "agree", released.append)
     with pytest.raises(RuntimeError):
         procs.serve(lambda: (_ for _ in ()).throw(RuntimeError("step failed")))
     assert released == []  # every process already raised: nobody to release

@@ -54,7 +54,7 @@ class Processes:
     def serve(self, work: Callable[[], None]) -> None:
         """Process 0 runs `work` (a step of its own); meanwhile the others run what it asks for."""
         if not self.main:
-            while (request := self._send(None)) is not None:
+            while (request := self.agree(None)) is not None:
                 name, args = request
                 self.handlers[name](*args)
             return
@@ -62,19 +62,12 @@ class Processes:
             work()
         finally:  # releases the others, also when process 0's work fails (unless all failed together)
             if not self.broken:
-                self._send(None)
+                self.agree(None)
 
     def ask(self, name: str, *args) -> None:
         """Process 0, inside `serve`: every other process runs handler `name` on `args` (process 0
         then runs its own part, so the collectives meet)."""
-        self._send((name, args))
-
-    def _send(self, value):
-        if self.world == 1:
-            return value
-        box = [value]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
+        self.agree((name, args))
 
     def agree(self, value):
         """Process 0's value, on every process."""
