@@ -17,7 +17,7 @@ from pathlib import Path
 from online_dpo.storage.artifacts import RunDir, write_dir_atomic
 from online_dpo.storage.model_files import write_safetensors_shards
 from online_dpo.training.lora import adapter_state, load_adapter, save_adapter
-from online_dpo.training.weight_stream import buckets, drain, whole_tensor
+from online_dpo.training.weight_stream import buckets, drain
 
 POLICY = "checkpoint"
 REFERENCE = "reference_checkpoint"  # the EMA reference, whose state is not any round's policy
@@ -96,7 +96,7 @@ class AdapterCheckpoints(Checkpoints):
         load_adapter(policy, folder)
 
     def _gather_extra(self, policy) -> dict:
-        return adapter_state(self.models.accelerator.unwrap_model(policy), whole=whole_tensor)
+        return adapter_state(self.models.accelerator.unwrap_model(policy))
 
     def _fill_policy(self, tmp: Path, policy, stream, adapter: dict) -> None:
         super()._fill_policy(tmp, policy, stream, adapter)  # the stream merges each adapted layer as it goes

@@ -127,6 +127,13 @@ def prepare_deepspeed_config(accelerator, train) -> None:
     config.pop("train_batch_size", None)  # DeepSpeed derives it from the two above and the world
 
 
+def whole_tensor(value: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (an all-gather: collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def reshard_root(model) -> None:
     """FSDP2 keeps its root module's parameters (the embeddings, the head, the final norm) whole
     after a forward, for the backward it expects next. After a forward with no backward (scoring,

@@ -16,6 +16,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 
 from online_dpo.config.recipe import AdapterConfig
+from online_dpo.training.distributed import whole_tensor
 
 ADAPTER_DIR = "adapter"
 
@@ -45,12 +46,11 @@ class AdapterDisabled(torch.nn.Module):
             return self._peft[0](*args, **kwargs)
 
 
-def merged_weights(peft_model, skip: frozenset[str] | set[str] = frozenset(), whole=None):
+def merged_weights(peft_model, skip: frozenset[str] | set[str] = frozenset()):
     """The base model's tensors under the base names (but those in `skip`), each adapted weight with
     its delta added as it is yielded: one merged layer exists at a time, never a merged copy.
-    `whole` makes a tensor whole (FSDP2: a DTensor's all-gather, which every process joins in the
+    Under FSDP2 each tensor is gathered whole (`whole_tensor`, which every process joins in the
     same order); the delta of sharded A and B is computed by DTensor and gathered the same way."""
-    whole = whole or (lambda tensor: tensor)
     base = peft_model.get_base_model()
     adapted = {f"{name}.weight": module for name, module in base.named_modules()
                if isinstance(module, LoraLayer) and module.active_adapters}
@@ -60,18 +60,17 @@ def merged_weights(peft_model, skip: frozenset[str] | set[str] = frozenset(), wh
         key = key.replace(".base_layer", "")
         if key in skip:
             continue
-        value = whole(value)
+        value = whole_tensor(value)
         layer = adapted.get(key)
         if layer is not None:
             with torch.no_grad():  # float32 delta: a bf16 base's merged layer is float32
-                value = value + whole(layer.get_delta_weight(layer.active_adapters[0]))
+                value = value + whole_tensor(layer.get_delta_weight(layer.active_adapters[0]))
         yield key, value
 
 
-def adapter_state(peft_model, whole=None) -> dict[str, torch.Tensor]:
+def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     """The adapter's tensors, whole (see `merged_weights`), under the policy's state-dict names."""
-    whole = whole or (lambda tensor: tensor)
-    return {key: whole(value) for key, value in peft_model.state_dict().items() if ".lora_" in key}
+    return {key: whole_tensor(value) for key, value in peft_model.state_dict().items() if ".lora_" in key}
 
 
 def save_adapter(peft_model, folder: Path, state: dict[str, torch.Tensor]) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from online_dpo.training.distributed import is_sharded, uses_deepspeed, zero_stage
+from online_dpo.training.distributed import is_sharded, uses_deepspeed, whole_tensor, zero_stage
 from online_dpo.training.lora import merged_weights
 
 Stream = Iterator[tuple[str, torch.Tensor]]
@@ -32,7 +32,7 @@ def full_weights(accelerator, model, lora: bool = False) -> Stream:
     tied names left out."""
     module = accelerator.unwrap_model(model)  # ZeRO-3: the engine's module; FSDP2 shards in place
     if lora:  # replicated or FSDP2 (compat refuses LoRA under DeepSpeed)
-        return merged_weights(module, skip=tied_names(module.get_base_model()), whole=whole_tensor)
+        return merged_weights(module, skip=tied_names(module.get_base_model()))
     tied = tied_names(module)
     if zero_stage(accelerator) == 3:
         return _zero3(module, tied)
@@ -40,13 +40,6 @@ def full_weights(accelerator, model, lora: bool = False) -> Stream:
         return _fsdp2(module, tied)
     # Replicated, or ZeRO-1/2: the module holds the whole, current weights.
     return ((name, value) for name, value in module.state_dict().items() if name not in tied)
-
-
-def whole_tensor(value: torch.Tensor) -> torch.Tensor:
-    """A whole tensor from an FSDP2 shard (an all-gather: collective), or the tensor itself."""
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def _fsdp2(module, skip: set[str]) -> Stream:
