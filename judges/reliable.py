@@ -44,6 +44,14 @@ def cache_key(fingerprint: str, kind: str, row: Row, *texts: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def server_retry_after(retry_state: RetryCallState) -> float | None:
+    """The pause the failed attempt's server asked for (an exception's `retry_after`), at most
+    MAX_RETRY_AFTER_S; None when it asked for none."""
+    error = retry_state.outcome.exception() if retry_state.outcome else None
+    retry_after = getattr(error, "retry_after", None)
+    return None if retry_after is None else min(float(retry_after), MAX_RETRY_AFTER_S)
+
+
 class Backoff(wait_base):
     """Before retry n: backoff_s * 2**(n-1), or the server's Retry-After if longer (an exception's
     `retry_after`, at most MAX_RETRY_AFTER_S), plus up to `jitter` of that at random so clients
@@ -54,10 +62,9 @@ class Backoff(wait_base):
 
     def __call__(self, retry_state: RetryCallState) -> float:
         wait = self.backoff_s * 2 ** (retry_state.attempt_number - 1)
-        error = retry_state.outcome.exception() if retry_state.outcome else None
-        retry_after = getattr(error, "retry_after", None)
+        retry_after = server_retry_after(retry_state)
         if retry_after is not None:
-            wait = max(wait, min(float(retry_after), MAX_RETRY_AFTER_S))
+            wait = max(wait, retry_after)
         return wait * (1 + self.rng.uniform(0, self.jitter))
 
 
@@ -122,9 +129,9 @@ class ReliableJudge:
             raise TimeoutError(f"no answer within {self.timeout_s:g}s") from None
 
     def _pause_everyone(self, retry_state: RetryCallState) -> None:
-        retry_after = getattr(retry_state.outcome.exception(), "retry_after", None) if retry_state.outcome else None
+        retry_after = server_retry_after(retry_state)
         if retry_after is not None:
-            until = time.monotonic() + min(float(retry_after), MAX_RETRY_AFTER_S)
+            until = time.monotonic() + retry_after
             with self._lock:
                 if until > self._paused_until:
                     self._paused_until, self._paused_by = until, threading.get_ident()
