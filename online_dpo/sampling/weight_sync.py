@@ -16,7 +16,7 @@ import torch
 
 from online_dpo.config.recipe import Recipe
 from online_dpo.sampling.generator import Generator
-from online_dpo.storage.model_files import torch_dtype
+from online_dpo.storage.model_files import default_device, torch_dtype
 from online_dpo.training.weight_stream import Counted, drain
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ class WeightSyncError(RuntimeError):
 
 
 def sampler_dtype(recipe: Recipe) -> torch.dtype:
-    return torch_dtype(recipe.model.dtype, "cuda" if torch.cuda.is_available() else "cpu")
+    return torch_dtype(recipe.model.dtype, default_device())
 
 
 def probe_tolerance(recipe: Recipe) -> float:
@@ -37,15 +37,14 @@ def probe_tolerance(recipe: Recipe) -> float:
     the sampler is guaranteed to be."""
     if recipe.generation.probe_tolerance is not None:
         return recipe.generation.probe_tolerance
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     lora = recipe.train.lora
-    trainer = torch.float32 if lora is None else torch_dtype(lora.base_dtype, device)
+    trainer = torch.float32 if lora is None else torch_dtype(lora.base_dtype, default_device())
     return 2e-3 if sampler_dtype(recipe) == torch.float32 and trainer == torch.float32 else 0.1
 
 
 def build_generator(recipe: Recipe, model_dir: Path, eos_ids: list[int], pad_id: int,
                     run_dir: Path | None = None) -> Generator:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     dtype = sampler_dtype(recipe)
     gen = recipe.generation
     if gen.tensor_parallel_size > 1 and device != "cuda":
