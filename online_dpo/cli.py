@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         recipe = load_recipe(args.recipe, args.overrides)
         from online_dpo.pipeline.run import run_recipe
+        from online_dpo.training.distributed import close_process_group
 
         run_recipe(recipe)
+        close_process_group()
     except (RecipeError, DatasetError, JudgeLoadError, JudgeConfigError, FileNotFoundError) as e:
         print(f"online-dpo: error: {e}", file=sys.stderr)
         return 2

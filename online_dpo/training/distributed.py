@@ -82,6 +82,15 @@ class Processes:
             self.state.wait_for_everyone()
 
 
+def close_process_group() -> None:
+    """After a run that every process finished: a gloo group left for the interpreter's exit to
+    destroy can abort a process (SIGABRT, "terminate called without an active exception") while
+    its worker threads still hold tensors. Not after a failure: the others may be mid-collective."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
