@@ -35,6 +35,7 @@ def test_bf16_autocast_step_matches_a_float32_step(tiny_model_dir, prompts_file,
                                                **{"train.micro_batch_pairs": 4, "train.learning_rate": 1e-3}))
     models = Models(recipe)
     assert models.device.type == "cuda" and models.accelerator.mixed_precision == "bf16"
+    assert torch.get_float32_matmul_precision() == "high"  # TF32 for float32 matmuls
     pairs = _pairs(models)
     ref_c = ref_r = torch.zeros(len(pairs))
 

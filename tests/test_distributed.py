@@ -136,10 +136,15 @@ LORA = {"train.lora": {"rank": 4, "alpha": 8}, "reference.schedule": "fixed", "t
 
 def test_lora_sharded_by_fsdp2_matches_one_process(tiny_model_dir, prompts_file, tmp_path):
     """LoRA under FSDP2: merged layers gathered one at a time for every sync and checkpoint, the
-    adapter gathered for its checkpoint and restored on resume, and the eval step's KL to pi_0
-    (the sharded base, adapter off) a forward every process joins."""
+    adapter gathered for its checkpoint and restored on resume, and the reference log-probs and
+    the eval step's KL to pi_0 (the sharded base, adapter off) scored in shares by collective
+    forwards."""
     run = _sharded_run_matches_one_process(tiny_model_dir, prompts_file, tmp_path, "fsdp_cpu.py", "fsdp.yaml", **LORA)
-    assert json.loads((run / "round_2" / "train.json").read_text())["distributed"] == "FSDP2"
+    train = json.loads((run / "round_2" / "train.json").read_text())
+    assert train["distributed"] == "FSDP2"
+    # Round 2's reference (pi_0, not the sampler) is scored in shares, each process its own.
+    per_process = train["reference_scored_per_process"]
+    assert len(per_process) == 2 and min(per_process) > 0 and sum(per_process) == 2 * train["train_pairs"]
     adapter = [load_file(tmp_path / "runs" / n / "round_2" / "checkpoint" / "adapter" / "adapter_model.safetensors")
                for n in ("one", "two")]
     assert adapter[0].keys() == adapter[1].keys() and adapter[0]

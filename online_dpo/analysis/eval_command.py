@@ -22,6 +22,7 @@ from online_dpo.data.prompts import sampling_prompts, split_prompts
 from online_dpo.sampling.generator import SamplingSettings
 from online_dpo.sampling.weight_sync import build_generator, probe_tolerance, sync_and_verify
 from online_dpo.storage.artifacts import write_json
+from online_dpo.training.logprobs import score_sequences
 from online_dpo.training.models import Models
 
 
@@ -81,7 +82,8 @@ def evaluate(run_dir: Path, checkpoint: Path | None, against: list[str], judge: 
 
 def kl_to_pi0(models, records: list[dict]) -> float:
     with models.frozen() as pi0:
-        return kl_estimate(records, pi0, models.pad_id, models.device, models.padding_free)
+        return kl_estimate(records, lambda sequences: score_sequences(
+            pi0, sequences, models.pad_id, models.device, padding_free=models.padding_free))
 
 
 def paired_score_difference(policy: list[dict], baseline: list[dict], wins: dict) -> dict:

@@ -7,6 +7,7 @@ Used by every round of a run and by `online-dpo eval`. Win rates are judged in b
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -15,7 +16,7 @@ from judges.protocol import Preference
 from judges.reliable import map_in_order
 from online_dpo.analysis.statistics import bootstrap_mean, wilson
 from online_dpo.sampling.generator import SamplingSettings
-from online_dpo.training.logprobs import score_sequences
+from online_dpo.training.logprobs import Sequences
 
 
 def sample_records(models, generator, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
@@ -38,13 +39,13 @@ def sample_records(models, generator, rows: list[dict], settings: SamplingSettin
                      "tokens_per_second": tokens / max(seconds, 1e-9)}
 
 
-def kl_estimate(records: list[dict], model, pad_id: int, device, padding_free: bool = True) -> float:
-    """Monte-Carlo KL(pi || model) = E_{y ~ pi}[log pi(y) - log model(y)], in nats per completion.
-    Valid only for samples drawn at temperature 1 with top_p 1 (true policy samples)."""
+def kl_estimate(records: list[dict], score: Callable[[Sequences], torch.Tensor]) -> float:
+    """Monte-Carlo KL(pi || model) = E_{y ~ pi}[log pi(y) - log model(y)], in nats per completion,
+    where `score` gives the model's summed log-prob of each sequence. Valid only for samples drawn
+    at temperature 1 with top_p 1 (true policy samples)."""
     sequences = [(r["prompt_ids"], s["token_ids"]) for r in records for s in r["samples"]]
     policy = torch.tensor([s["logp"] for r in records for s in r["samples"]])
-    other = score_sequences(model, sequences, pad_id, device, padding_free=padding_free)
-    return (policy - other).mean().item()
+    return (policy - score(sequences)).mean().item()
 
 
 def sample_summary(records: list[dict], scorer) -> dict:

@@ -34,6 +34,7 @@ from online_dpo.storage.artifacts import (
     write_jsonl,
 )
 from online_dpo.training.logprobs import score_sequences
+from online_dpo.training.shared_scoring import SharedScores, score_shared
 
 
 class JudgeFailureError(RuntimeError):
@@ -48,9 +49,8 @@ class RoundSteps:
     def __init__(self, recipe, run_dir: RunDir, procs, *, models, trainer, sampler, judges, objective,
                  source, reference, checkpoints, beta, pi0_cache, train_rows, eval_rows, policy_round):
         self.recipe, self.run_dir, self.procs = recipe, run_dir, procs
-        # LoRA under FSDP2: pi_0 is the sharded policy with its adapter off, so the eval step's
-        # KL to it (process 0's step) is a forward the others join.
-        procs.handlers["kl_to_pi0"] = lambda records: self._kl(records, models.frozen())
+        # The eval step is process 0's; every other process scores its share of the held-out KL.
+        procs.handlers["kl"] = self._kl
         # The sampler (online_dpo/sampling/samplers.py) hides where the engines are: process 0 or each process.
         self.models, self.trainer, self.sampler = models, trainer, sampler
         # Process 0 only (None elsewhere): the training judge, the eval judge and its scorer.
@@ -171,29 +171,49 @@ class RoundSteps:
         m = self.models
         return score_sequences(model, sequences, m.pad_id, m.device, padding_free=m.padding_free)
 
-    def score_reference(self, sequences) -> torch.Tensor:
-        """A reference forward pass, before the round's first optimizer step; pi_0's results come
-        from (and go to) the cross-run cache, and the reference loads only for what it misses."""
-        def forward(seqs):
+    def score_shared(self, model, sequences) -> SharedScores:
+        """Every process: each scores its share, and every process gets all the values. In the
+        trainer's autocast (bf16 on CUDA, none on CPU), so the float32 EMA reference computes in
+        the compute dtype like every other frozen model."""
+        m = self.models
+        with m.accelerator.autocast():
+            return score_shared(self.procs, model, sequences, m.pad_id, m.device, padding_free=m.padding_free,
+                                collective=m.sharded_forward(model))
+
+    def score_reference(self, sequences) -> tuple[torch.Tensor, list[int]]:
+        """A reference forward pass (every process, each its share), before the round's first
+        optimizer step; returns the log-probs and how many sequences each process scored. pi_0's
+        results come from (and go to) process 0's cross-run cache, and the reference loads only
+        for what it misses."""
+        def forward(seqs) -> SharedScores:
             with self.reference.scoring(self.trainer.policy, self.policy_round) as model:
-                return self.score(model, seqs)
+                return self.score_shared(model, seqs)
 
-        if self.pi0_cache is None or not self.reference.is_pi0:
-            return forward(sequences)
-        logps, hits = self.pi0_cache.score(sequences, forward)
-        self.reference_cache_hits += hits
-        return logps
+        if not (self.reference.is_pi0 and self.procs.agree(self.pi0_cache is not None)):
+            scored = forward(sequences)
+            return scored.values, scored.per_process
+        logps, missing = self.procs.agree(self.pi0_cache.lookup(sequences) if self.procs.main else None)
+        self.reference_cache_hits += len(sequences) - len(missing)
+        if not missing:
+            return logps, [0] * self.procs.world
+        scored = forward([sequences[i] for i in missing])
+        logps[missing] = scored.values
+        if self.procs.main:
+            self.pi0_cache.put([sequences[i] for i in missing], scored.values)
+        return logps, scored.per_process
 
-    def reference_logps(self, k: int, items, ds) -> tuple[torch.Tensor, str]:
-        """The objective's reference log-probs; free where the reference itself sampled them."""
+    def reference_logps(self, k: int, items, ds) -> tuple[torch.Tensor, str, list[int]]:
+        """The objective's reference log-probs, where they came from, and how many sequences each
+        process scored; free where the reference itself sampled them."""
         sequences = self.objective.reference_sequences(items)
         logps, sampler_rounds = self.objective.sampler_logps(ds)
         # Only a float32 sampler's log-probs are exact enough to stand in for a float32 forward.
         exact = sampler_dtype(self.recipe) == torch.float32
         reuse = [exact and self.reference.may_reuse_sampler(r) for r in sampler_rounds]
         forward = [i for i, ok in enumerate(reuse) if not ok]
+        per_process = [0] * self.procs.world
         if forward:
-            logps[forward] = self.score_reference([sequences[i] for i in forward])
+            logps[forward], per_process = self.score_reference([sequences[i] for i in forward])
         if len(forward) < len(sequences):  # check one reused value against a real forward pass
             i = reuse.index(True)
             with self.reference.scoring(self.trainer.policy, self.policy_round) as model:
@@ -205,7 +225,7 @@ class RoundSteps:
                     f"round {k}: sampling log-probs differ from the reference by {diff:.3g} "
                     f"(> {tol:g}) although the reference sampled them")
         source = "forward" if len(forward) == len(sequences) else "sampler" if not forward else "mixed"
-        return logps, source
+        return logps, source, per_process
 
     def train(self, k: int) -> dict:
         if read_json(self.run_dir.round(k) / "pairs.json")["pairs"] == 0:
@@ -214,7 +234,7 @@ class RoundSteps:
         ds = datasets.load_from_disk(str(self.run_dir.round(k) / "pairs"))
         items = self.objective.items(ds)
         t0, hits = time.perf_counter(), self.reference_cache_hits
-        reference, source = self.reference_logps(k, items, ds)
+        reference, source, per_process = self.reference_logps(k, items, ds)
         ref_seconds = time.perf_counter() - t0
         beta = self.beta.value(k)
         metrics = self.trainer.train_round(self.objective, items, reference, seed=self.recipe.seed * 31 + k,
@@ -224,7 +244,9 @@ class RoundSteps:
         self.checkpoints.save_policy(k, self.trainer.policy)
         self.policy_round = k
         return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source,
-                "reference_cache_hits": self.reference_cache_hits - hits}
+                "reference_cache_hits": self.reference_cache_hits - hits,
+                # Sequences each process scored: the reference forwards are shared, about 1/N each.
+                "reference_scored_per_process": per_process}
 
     def sync(self, k: int) -> dict:
         if self.policy_round != k:
@@ -256,8 +278,8 @@ class RoundSteps:
             return {"skipped": f"eval.every={every}"}
         records, stats = self._sample(self.eval_rows, self._eval_settings())
         # The reference, then pi_0: each loaded for its KL and freed before the next (unless resident).
-        kl_ref = self._kl(records, self.reference.at_eval())
-        kl_pi0 = kl_ref if self.reference.is_pi0 else self._kl(records, self.models.frozen())
+        kl_ref = self._kl(records, "reference")
+        kl_pi0 = kl_ref if self.reference.is_pi0 else self._kl(records, "pi0")
         summary = sample_summary(records, self.eval_scorer)
         result = {"eval_judge_score": summary["judge_score"], "eval_judge_score_ci": summary["judge_score_ci"],
                   "eval_mean_length": summary["mean_length"],
@@ -273,12 +295,14 @@ class RoundSteps:
         write_jsonl(self.run_dir.round(k) / "eval_samples.jsonl", records)  # with eval_score and vs_pi0
         return {**result, **self.beta.after_eval(k, kl_ref)}
 
-    def _kl(self, records, frozen) -> float:
-        m = self.models
+    def _kl(self, records, against: str) -> float:
+        """KL of the held-out samples to the reference or to pi_0 (`against`). Process 0 asks the
+        others to join: each loads the same model and scores its share of the samples."""
+        if self.procs.main:
+            self.procs.ask("kl", records, against)
+        frozen = self.reference.at_eval() if against == "reference" else self.models.frozen()
         with frozen as model:  # the model's last reference goes when this returns
-            if self.procs.main and m.sharded_forward(model):
-                self.procs.ask("kl_to_pi0", records)  # the only frozen model that can be sharded
-            return kl_estimate(records, model, m.pad_id, m.device, m.padding_free)
+            return kl_estimate(records, lambda sequences: self.score_shared(model, sequences).values)
 
     def update_reference(self, k: int) -> dict:
         return self.reference.update(k, self.trainer.policy, self.policy_round)

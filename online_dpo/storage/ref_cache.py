@@ -51,13 +51,20 @@ class ReferenceLogpCache:
         self.path = root / f"{fingerprint}.jsonl"
         self.store = JsonlStore(self.path, value_field="logp")
 
-    def score(self, sequences: Sequences, compute: Callable[[Sequences], torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Cached values where present, `compute` for the rest (then stored); returns (logps, hits)."""
+    def lookup(self, sequences: Sequences) -> tuple[torch.Tensor, list[int]]:
+        """(cached values, 0 where missing; the missing indices)."""
         keys = [sequence_key(p, c) for p, c in sequences]
         missing = [i for i, k in enumerate(keys) if k not in self.store]
-        out = torch.tensor([float(self.store.get(k, 0.0)) for k in keys], dtype=torch.float32)
+        return torch.tensor([float(self.store.get(k, 0.0)) for k in keys], dtype=torch.float32), missing
+
+    def put(self, sequences: Sequences, values: torch.Tensor) -> None:
+        self.store.put_many((sequence_key(p, c), v) for (p, c), v in zip(sequences, values.tolist(), strict=True))
+
+    def score(self, sequences: Sequences, compute: Callable[[Sequences], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Cached values where present, `compute` for the rest (then stored); returns (logps, hits)."""
+        out, missing = self.lookup(sequences)
         if missing:
             fresh = compute([sequences[i] for i in missing])
             out[missing] = fresh
-            self.store.put_many((keys[i], value) for i, value in zip(missing, fresh.tolist()))
-        return out, len(keys) - len(missing)
+            self.put([sequences[i] for i in missing], fresh)
+        return out, len(sequences) - len(missing)

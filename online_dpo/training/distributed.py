@@ -45,6 +45,7 @@ class Processes:
     def __init__(self):
         self.state = PartialState(cpu=not torch.cuda.is_available())
         self.main = self.state.is_main_process
+        self.rank = self.state.process_index
         self.world = self.state.num_processes
         # What the other processes run when process 0 asks (`serve`, `ask`): sampling their share
         # of the prompts, joining a sharded model's forward.

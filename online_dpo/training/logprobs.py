@@ -61,17 +61,22 @@ def completion_logps(model, sequences: Sequences, pad_id: int, device: torch.dev
 
 @torch.no_grad()
 def score_sequences(model, sequences: Sequences, pad_id: int, device: torch.device, batch_size: int = 8,
-                    average: bool = False, padding_free: bool = True) -> torch.Tensor:
-    """Summed (or mean) completion log-probs of many sequences under a frozen model, in batches."""
+                    average: bool = False, padding_free: bool = True, min_forwards: int = 0) -> torch.Tensor:
+    """Summed (or mean) completion log-probs of many sequences under a frozen model, in batches.
+    `min_forwards`: one-token forwards follow until there were this many (a sharded model's
+    forwards are collective, and a process with fewer batches must still join every one)."""
     # Sequences of one prompt (a pair's two sides, a prompt's samples) go into the same batch,
     # where the packer computes their prompt once.
     order = [i for group in prompt_groups(sequences) for i in group]
     out = torch.zeros(len(sequences))
-    for start in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    for start in starts:
         idx = order[start:start + batch_size]
         summed, lengths = completion_logps(model, [sequences[i] for i in idx], pad_id, device, padding_free)
         out[idx] = (summed / lengths.clamp(min=1) if average else summed).float().cpu()
-    reshard_root(model)
+    for _ in range(min_forwards - len(starts)):
+        completion_logps(model, [([pad_id], [pad_id])], pad_id, device, padding_free)
+    reshard_root(model)  # after the last forward alone: a resharded root would gather again
     return out
 
 

@@ -55,6 +55,10 @@ class Models:
         load_models_whole(self.accelerator)
         kind = self.accelerator.distributed_type
         self.device = self.accelerator.device
+        if self.device.type == "cuda":
+            # TF32 for any float32 matmul left outside autocast: the bf16 compute already accepts
+            # less precision than TF32's.
+            torch.set_float32_matmul_precision("high")
         # Frozen models compute in the trainer's compute dtype: bf16 on CUDA; float32 on CPU.
         self.frozen_dtype = torch.bfloat16 if self.accelerator.mixed_precision == "bf16" else torch.float32
         # Where the policy is read: FSDP2 moves it to the accelerator one layer at a time as it
