@@ -144,3 +144,19 @@ def test_a_killed_concurrent_judge_step_resumes_without_paying_twice(picky, tiny
     # (sent, not yet cached): at most one per concurrent prompt.
     assert len(picky.answered) == comparisons
     assert sum(n - 1 for n in picky.answered.values()) <= 4
+
+def test_one_prompts_comparisons_are_judged_concurrently(picky):
+    """A round of one prompt with 6 samples: its 15 round-robin comparisons are the units in
+    flight, with the same judgment as serial."""
+    from online_dpo.config.recipe import JudgeConfig
+
+    results, in_flight = {}, {}
+    for concurrency in (1, 8):
+        picky.reset()
+        judge, _ = build_judge_stack(JudgeConfig(**judge_config(picky.url, concurrency=concurrency)), cache_path=None)
+        results[concurrency] = list(judge_prompts(judge, prompts(n=1, samples=6), "best_vs_worst",
+                                                  random.Random(7), concurrency=judge.concurrency))
+        in_flight[concurrency] = picky.most_in_flight
+        judge.close()
+    assert results[1] == results[8] and len(results[8][0]["comparisons"]) == 15
+    assert in_flight[1] == 1 and in_flight[8] > 1

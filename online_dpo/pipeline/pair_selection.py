@@ -22,9 +22,13 @@ KEPT, TIE, FAILED = "kept", "tie", "failed"
 def judge_prompts(judge, prompts: list[tuple[dict, list[str]]], strategy: str, rng: random.Random,
                   max_length_ratio: float | None = None, concurrency: int = 1) -> Iterator[dict[str, Any]]:
     """`judge_samples` for each (row, texts), yielded in prompt order, with up to `concurrency`
-    prompts judged at once. The random strategy's picks are drawn first, in prompt order, so the
-    pairs do not depend on which judgment comes back first (judges.reliable.map_in_order)."""
+    judge calls at once. A pairwise judge's round-robin comparisons are the units in flight, across
+    prompts and within one, so a round of few prompts with many samples keeps the server as busy
+    as a round of many. The random strategy's picks are drawn first, in prompt order, so the pairs
+    do not depend on which judgment comes back first (judges.reliable.map_in_order)."""
     picks = [rng.sample(range(len(texts)), 2) if strategy == "random" else None for _, texts in prompts]
+    if strategy != "random" and not getattr(judge, "pointwise", False):
+        return _round_robin_prompts(judge, prompts, max_length_ratio, concurrency)
 
     def one(n: int) -> dict[str, Any]:
         row, texts = prompts[n]
@@ -33,6 +37,22 @@ def judge_prompts(judge, prompts: list[tuple[dict, list[str]]], strategy: str, r
     return map_in_order(one, range(len(prompts)), concurrency)
 
 
+def _round_robin_prompts(judge, prompts, max_length_ratio, concurrency) -> Iterator[dict[str, Any]]:
+    units = [(n, i, j) for n, (_, texts) in enumerate(prompts)
+             for i in range(len(texts)) for j in range(i + 1, len(texts))]
+
+    def compare(unit) -> Judgment:
+        n, i, j = unit
+        row, texts = prompts[n]
+        return judge.judge(row, texts[i], texts[j])
+
+    judgments = map_in_order(compare, units, concurrency)
+    start = 0
+    for _, texts in prompts:
+        count = len(texts) * (len(texts) - 1) // 2
+        comparisons = [(i, j, next(judgments)) for _, i, j in units[start:start + count]]
+        start += count
+        yield _length_control(_round_robin_record(len(texts), comparisons), texts, max_length_ratio)
 def judge_samples(judge, row: dict, texts: list[str], strategy: str, pick: list[int] | None = None,
                   max_length_ratio: float | None = None) -> dict[str, Any]:
     """A record: per-sample scores (pointwise judges), the comparisons made, and the pair.
@@ -48,7 +68,13 @@ def judge_samples(judge, row: dict, texts: list[str], strategy: str, pick: list[
     elif getattr(judge, "pointwise", False):
         record = _best_vs_worst_pointwise(judge, row, texts)
     else:
-        record = _best_vs_worst_round_robin(judge, row, texts)
+        comparisons = [(i, j, judge.judge(row, texts[i], texts[j]))
+                       for i in range(len(texts)) for j in range(i + 1, len(texts))]
+        record = _round_robin_record(len(texts), comparisons)
+    return _length_control(record, texts, max_length_ratio)
+
+
+def _length_control(record: dict[str, Any], texts: list[str], max_length_ratio: float | None) -> dict[str, Any]:
     if record["status"] == KEPT and max_length_ratio is not None:
         chosen, rejected = (len(texts[record[k]].split()) for k in ("chosen", "rejected"))
         if chosen > max_length_ratio * max(rejected, 1):
@@ -75,22 +101,19 @@ def _best_vs_worst_pointwise(judge, row, texts) -> dict[str, Any]:
     return _record(scores, [], best, worst, judgment)
 
 
-def _best_vs_worst_round_robin(judge, row, texts) -> dict[str, Any]:
-    wins = [0.0] * len(texts)
-    comparisons = []
-    for i in range(len(texts)):
-        for j in range(i + 1, len(texts)):
-            judgment = judge.judge(row, texts[i], texts[j])
-            comparisons.append((i, j, judgment))
-            if judgment.preference == Preference.FIRST:
-                wins[i] += 1
-            elif judgment.preference == Preference.SECOND:
-                wins[j] += 1
+def _round_robin_record(n: int, comparisons: list[tuple[int, int, Judgment]]) -> dict[str, Any]:
+    """Best vs worst of n samples by wins over every (i, j) comparison, if their direct comparison agrees."""
+    wins = [0.0] * n
+    for i, j, judgment in comparisons:
+        if judgment.preference == Preference.FIRST:
+            wins[i] += 1
+        elif judgment.preference == Preference.SECOND:
+            wins[j] += 1
     if all(c[2].preference == Preference.FAILED for c in comparisons):
         return _record(None, comparisons, None, None,
                        Judgment(Preference.FAILED, comparisons[0][2].reason))
-    best = max(range(len(texts)), key=lambda k: wins[k])
-    worst = min(range(len(texts)), key=lambda k: wins[k])
+    best = max(range(n), key=lambda k: wins[k])
+    worst = min(range(n), key=lambda k: wins[k])
     direct = next(c[2] for c in comparisons if {c[0], c[1]} == {best, worst}) if best != worst else None
     if direct is None or not direct.decided:
         reason = direct.reason if direct else "no sample won more often than another"
