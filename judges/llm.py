@@ -136,12 +136,13 @@ def _redact(text: str, key: str | None) -> str:
 class LocalBackend:
     """A local model in-process, greedy decoding with its own chat template."""
 
-    def __init__(self, engine: str, model: str, max_tokens: int, max_model_len: int):
+    def __init__(self, engine: str, model: str, max_tokens: int, max_model_len: int,
+                 revision: str | None = None):
         from online_dpo.storage.model_files import resolve_model_path
 
         self.engine = engine
         self.max_tokens, self.max_model_len = max_tokens, max_model_len
-        path = resolve_model_path(model)
+        path = resolve_model_path(model, revision)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -197,7 +198,7 @@ class LLMJudge:
                  base_url: str | None = None, api_key_env: str | None = None,
                  timeout_s: float = 60.0, temperature: float = 0.0, max_tokens: int = 8,
                  system_prompt: str | None = None, extra_body: dict[str, Any] | None = None,
-                 max_model_len: int = 4096):
+                 max_model_len: int = 4096, revision: str | None = None):
         for field in ("{prompt}", "{first}", "{second}"):
             if field not in template:
                 raise ValueError(f"LLMJudge template lacks {field}")
@@ -211,7 +212,7 @@ class LLMJudge:
             self.backend._key()  # a missing key stops the run before any model loads
             self.concurrency = self.HTTP_CONCURRENCY
         elif backend in ("transformers", "vllm"):
-            self.backend = LocalBackend(backend, model, max_tokens, max_model_len)
+            self.backend = LocalBackend(backend, model, max_tokens, max_model_len, revision)
             self.concurrency = 1
         else:
             raise ValueError(f"LLMJudge backend must be http, transformers or vllm, got {backend!r}")

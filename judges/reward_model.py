@@ -6,8 +6,6 @@ never the policy's: a reward model scores the text format it was trained on.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from judges.protocol import Row
@@ -36,13 +34,16 @@ class RewardModelJudge:
     `on_truncation: "fail"` such a sample fails with the reason instead of being scored."""
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, dtype: str = "auto",
-                 device: str = "auto", max_batch_tokens: int = 16384, on_truncation: str = "keep_end"):
+                 device: str = "auto", max_batch_tokens: int = 16384, on_truncation: str = "keep_end",
+                 revision: str | None = None):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from online_dpo.storage.model_files import default_device, torch_dtype
+        from online_dpo.storage.model_files import default_device, resolve_model_path, torch_dtype
 
-        if not (Path(path) / "config.json").exists():
-            raise FileNotFoundError(f"reward model {path!r} is not a local HF model folder")
+        try:  # a folder, or a hub ID from the HF cache
+            path = str(resolve_model_path(path, revision))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"reward model: {error}") from None
         if on_truncation not in ("keep_end", "fail"):
             raise ValueError(f"RewardModelJudge: on_truncation must be 'keep_end' or 'fail', got {on_truncation!r}")
         # "auto": the first GPU, else CPU. On a shared GPU give the judge its own, e.g. "cuda:1".

@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--threads", type=int, help="CPU threads for each cell's torch and vLLM")
     rm = sub.add_parser("train-rm", help="train a Bradley-Terry reward model from a pairs dataset")
     rm.add_argument("pairs", help="prompt/chosen/rejected dataset: a run's round_<k>/pairs, jsonl, ...")
-    rm.add_argument("--base", default="smollm2", help="base model folder (default: embedded SmolLM2)")
+    rm.add_argument("--base", default="smollm2",
+                    help="base model: a folder or a hub ID in the HF cache (default: embedded SmolLM2)")
+    rm.add_argument("--base-revision", help="the base's hub revision (branch, tag or commit)")
     rm.add_argument("--out", required=True, help="output folder for the reward model")
     rm.add_argument("--epochs", type=int, default=2)
     rm.add_argument("--lr", type=float, default=2e-5)
@@ -119,7 +121,7 @@ def _train_rm(args) -> int:
 
     metrics = train_reward_model(args.pairs, args.base, args.out, epochs=args.epochs, lr=args.lr,
                                  batch_pairs=args.batch_pairs, eval_fraction=args.eval_fraction,
-                                 seed=args.seed)
+                                 seed=args.seed, base_revision=args.base_revision)
     print(json.dumps(metrics, indent=2))
     print(f"[online-dpo] reward model saved to {args.out}; held-out pair accuracy "
           f"{metrics['held_out_accuracy']:.3f} (before training {metrics['held_out_accuracy_before']:.3f})")

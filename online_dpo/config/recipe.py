@@ -26,7 +26,10 @@ __all__ = ["RecipeError", "GenerationConfig", "ServerConfig", "ServerLaunchConfi
 
 class ModelConfig(Section):
     path: Str = "smollm2"
-    """Policy weights: "smollm2" (the embedded SmolLM2-135M-Instruct) or a local HF model folder."""
+    """Policy weights: "smollm2" (the embedded SmolLM2-135M-Instruct), a local HF model folder, or
+    a hub ID ("org/name") in the HF cache."""
+    revision: Str | None = None
+    """A hub ID's branch, tag or commit (default: main)."""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """"auto" is float32 on CPU (bf16 is ~9x slower there) and bfloat16 on CUDA."""
 

@@ -83,7 +83,7 @@ def sampling_prompts(recipe, path: str | None = None) -> tuple[list[dict], int]:
 
     path = path or recipe.data.prompts
     rows = load_prompt_rows(path)  # a missing column fails before the tokenizer loads
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(recipe.model.path))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(recipe.model.path, recipe.model.revision))
     return drop_long_prompts(rows, tokenizer, prompt_token_limit(recipe), recipe.data.max_dropped_share, path)
 
 

@@ -1,4 +1,6 @@
-"""Model resolution: the embedded SmolLM2 default (GGUF -> cached HF folder) or any local folder."""
+"""Model resolution: the embedded SmolLM2 default (GGUF -> cached HF folder), a local folder, or a
+hub ID such as "Qwen/Qwen2.5-0.5B-Instruct" read from the user's HF cache (online only when
+HF_HUB_OFFLINE=0; the CLI sets it to 1 unless told otherwise)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -33,16 +36,45 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def resolve_model_path(path: str) -> Path:
-    """The local HF folder for a recipe's `model.path`, converting the embedded default once."""
+# "org/name", as the hub spells repository IDs (a path has another shape, or exists on disk).
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path: str, revision: str | None = None) -> Path:
+    """The local HF folder for a model named in a recipe: "smollm2" (the embedded default,
+    converted once), a folder saved with save_pretrained, or a hub ID at `revision` (a branch,
+    tag or commit; default main) from the HF cache."""
     if path == DEFAULT_MODEL:
         return ensure_smollm2_folder()
     folder = Path(path).expanduser()
-    if not (folder / "config.json").exists():
+    if (folder / "config.json").exists():
+        return folder
+    if HUB_ID.match(path) and not folder.exists():
+        return hub_snapshot(path, revision)
+    raise FileNotFoundError(
+        f"model {path!r} is not a local HF model folder (no config.json) nor a hub ID (org/name); "
+        f"use {DEFAULT_MODEL!r} for the embedded SmolLM2, a folder saved with save_pretrained, "
+        "or an ID in the HF cache"
+    )
+
+
+def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """The cached snapshot of a hub model; downloaded only when HF_HUB_OFFLINE is off."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo_id, revision=revision,
+                                                        local_files_only=constants.HF_HUB_OFFLINE))
+    except LocalEntryNotFoundError:
         raise FileNotFoundError(
-            f"model.path {path!r} is not a local HF model folder (no config.json); "
-            f"use {DEFAULT_MODEL!r} for the embedded SmolLM2 or a folder saved with save_pretrained"
-        )
+            f"model {repo_id!r} (revision {revision or 'main'}) is not in the HF cache "
+            f"{constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is on: download it first "
+            f"(huggingface-cli download {repo_id}), or run with HF_HUB_OFFLINE=0"
+        ) from None
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"model {repo_id!r}: the cached snapshot {folder} has no config.json")
     return folder
 
 

@@ -42,7 +42,7 @@ class Models:
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
-        self.model_dir = resolve_model_path(recipe.model.path)
+        self.model_dir = resolve_model_path(recipe.model.path, recipe.model.revision)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{self.model_dir}: the tokenizer has no chat template")

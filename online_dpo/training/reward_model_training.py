@@ -59,7 +59,7 @@ def pair_accuracy(model, tokenizer, pairs, device, max_length=512, batch_pairs=8
 
 def train_reward_model(pairs_path: str, base: str, out: str, *, epochs: int = 2, lr: float = 2e-5,
                        batch_pairs: int = 4, eval_fraction: float = 0.2, seed: int = 0,
-                       max_length: int = 512) -> dict:
+                       max_length: int = 512, base_revision: str | None = None) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from online_dpo.storage.model_files import default_device, resolve_model_path
@@ -70,7 +70,7 @@ def train_reward_model(pairs_path: str, base: str, out: str, *, epochs: int = 2,
     n_eval = max(1, int(len(pairs) * eval_fraction))
     train, held_out = pairs[n_eval:], pairs[:n_eval]
 
-    base_dir = resolve_model_path(base)
+    base_dir = resolve_model_path(base, base_revision)
     device = default_device()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
