@@ -65,6 +65,8 @@ def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
                 "grad_norm", "optimizer_steps", "train_pairs", "train_examples", "reference_logps_from",
                 "reference_cache_hits"):
         metrics[key] = train.get(key)
+    rates = train.get("learning_rates")
+    metrics["learning_rate"] = rates[-1] if rates else None  # the round's last step's (train.lr_scheduler)
     for key in ("sync_seconds", "probe_max_abs_diff"):
         metrics[key] = summaries["sync"].get(key)
     metrics.update({k2: v for k2, v in summaries["eval"].items() if k2 not in ("seconds", "skipped")})

@@ -155,6 +155,10 @@ def check_launch(recipe, accelerator) -> None:
     if g.sleep and not torch.cuda.is_available():
         raise RuntimeError("generation.sleep: needs CUDA (vLLM's sleep mode frees GPU memory); "
                            "this machine has no GPU: set generation.sleep: false")
+    if recipe.train.carry_optimizer_state and kind not in REPLICATED:
+        raise RuntimeError(f"train.carry_optimizer_state under {kind.value} is not supported: Adam's state is "
+                           "sharded, and its checkpoint is written for one process's whole state; "
+                           "launch with recipes/accelerate/ddp.yaml or leave it off")
     if kind in REPLICATED:
         asked_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
         if asked_fsdp and accelerator.is_main_process:

@@ -105,6 +105,15 @@ class AdapterConfig(Section):
 
 class TrainConfig(Section):
     learning_rate: Float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """The learning rate over the whole run's optimizer steps (transformers' schedulers; see
+    online_dpo/training/lr_schedule.py). Constant by default: an online run's rounds are each a new
+    problem, and a decay ties the rate of every round to `rounds`, so such a run cannot be extended."""
+    warmup_ratio: Float = Field(0.0, ge=0, lt=1)
+    """The share of the run over which the rate warms up linearly from 0."""
+    carry_optimizer_state: Bool = False
+    """Keep Adam's moments across rounds (saved with each checkpoint as optimizer.pt, so a resume
+    is bit-identical). Off: they restart every round and are freed while the round samples."""
     epochs: Int = Field(1, gt=0)
     """Passes over the round's fresh pairs (mode fully_online: derived, 1)."""
     micro_batch_pairs: Int = Field(4, gt=0)

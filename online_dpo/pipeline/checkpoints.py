@@ -14,6 +14,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import torch
+
 from online_dpo.storage.artifacts import RunDir, write_dir_atomic
 from online_dpo.storage.model_files import write_safetensors_shards
 from online_dpo.training.lora import adapter_state, load_adapter, save_adapter
@@ -21,6 +23,7 @@ from online_dpo.training.weight_stream import buckets, drain
 
 POLICY = "checkpoint"
 REFERENCE = "reference_checkpoint"  # the EMA reference, whose state is not any round's policy
+OPTIMIZER = "optimizer.pt"  # Adam's state in a policy checkpoint, when carried across rounds
 
 
 class Checkpoints:
@@ -51,14 +54,26 @@ class Checkpoints:
         # Before the trainer prepares (shards) the policy: where it was loaded.
         policy.load_state_dict(self.models.load(folder, device=self.models.load_device).state_dict(), strict=True)
 
-    def save_policy(self, k: int, policy) -> None:
+    def save_policy(self, k: int, policy, optimizer_state: dict | None = None) -> None:
+        """`optimizer_state`: Adam's moments carried across rounds (train.carry_optimizer_state),
+        saved beside the weights as optimizer.pt for a bit-identical resume."""
         stream = self.models.policy_weights(policy)  # collective when sharded: every process drains it
         extra = self._gather_extra(policy)
         if self.writer:
-            write_dir_atomic(self.run_dir.round(k) / POLICY,
-                             lambda tmp: self._fill_policy(tmp, policy, stream, extra))
+            def fill(tmp: Path) -> None:
+                self._fill_policy(tmp, policy, stream, extra)
+                if optimizer_state is not None:
+                    torch.save(optimizer_state, tmp / OPTIMIZER)
+            write_dir_atomic(self.run_dir.round(k) / POLICY, fill)
         else:
             drain(stream)
+
+    def optimizer_state(self, k: int) -> dict:
+        path = self.run_dir.round(k) / POLICY / OPTIMIZER
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: train.carry_optimizer_state needs Adam's state "
+                                    f"from round {k}'s checkpoint to resume")
+        return torch.load(path, map_location=self.models.device, weights_only=True)
 
     def _gather_extra(self, policy):
         """What the checkpoint holds beside the weights, gathered by every process (when sharded)."""

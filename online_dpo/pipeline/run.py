@@ -54,6 +54,7 @@ from online_dpo.sampling.samplers import build_sampler
 from online_dpo.storage.artifacts import RunDir, write_json, write_text_atomic
 from online_dpo.storage.ref_cache import ReferenceLogpCache, model_fingerprint
 from online_dpo.training.distributed import Processes, is_sharded
+from online_dpo.training.lr_schedule import RunSchedule
 from online_dpo.training.models import Models
 from online_dpo.training.trainer import DPOTrainer
 
@@ -168,7 +169,11 @@ class Run:
         checkpoints = build_checkpoints(self.run_dir, models, writer=self.main)
         # A resumed policy loads before the trainer wraps it (and, under FSDP2 or ZeRO-3, shards it).
         policy_round = checkpoints.restore_policy(models.policy)
-        trainer = DPOTrainer(models.policy, recipe.loss, recipe.train, models.pad_id, models.accelerator)
+        train = recipe.train
+        trainer = DPOTrainer(models.policy, recipe.loss, train, models.pad_id, models.accelerator,
+                             RunSchedule(train.lr_scheduler, train.warmup_ratio, recipe.rounds, train.learning_rate))
+        if train.carry_optimizer_state and policy_round:
+            trainer.load_optimizer_state(checkpoints.optimizer_state(policy_round))
         # The engines: process 0's alone, or one per process (generation.engines).
         sampler = build_sampler(recipe, models, self.procs, self.dir)
         try:
@@ -247,10 +252,18 @@ def check_resolved_recipe(recipe: Recipe, run_dir: Path) -> None:
         # Not so offline from pi_0: round_0/ drew the pool for the first `rounds` only.
         allowed = ("report_to",) if recipe.mode == "offline" and recipe.data.pairs is None else ("rounds", "report_to")
         changed = [k for k in sorted(_diff_keys(previous, resolved)) if k not in allowed]
+        if "rounds" in _diff_keys(previous, resolved) and schedule_spans_rounds(recipe.train):
+            raise RecipeError(f"{run_dir}: more rounds would change the learning rate of the rounds already "
+                              f"run (train.lr_scheduler {recipe.train.lr_scheduler}, warmup_ratio "
+                              f"{recipe.train.warmup_ratio} span the run); use a new name= to start a new run")
         if changed:
             raise RecipeError(f"{run_dir} was started with a different recipe (changed: {', '.join(changed)}); "
                               "use a new name= to start a new run")
     write_text_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
+
+
+def schedule_spans_rounds(train) -> bool:
+    return train.lr_scheduler != "constant" or train.warmup_ratio > 0
 
 
 def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:

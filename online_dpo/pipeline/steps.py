@@ -239,9 +239,9 @@ class RoundSteps:
         beta = self.beta.value(k)
         metrics = self.trainer.train_round(self.objective, items, reference, seed=self.recipe.seed * 31 + k,
                                            tag=f"round_{k}", beta=beta,
-                                           on_step=self.reference.step_hook(k, self.trainer.policy))
+                                           on_step=self.reference.step_hook(k, self.trainer.policy), round_k=k)
         self.reference.after_training(k)
-        self.checkpoints.save_policy(k, self.trainer.policy)
+        self.checkpoints.save_policy(k, self.trainer.policy, self.trainer.optimizer_state())
         self.policy_round = k
         return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source,
                 "reference_cache_hits": self.reference_cache_hits - hits,

@@ -16,14 +16,17 @@ from online_dpo.config.recipe import LossConfig, TrainConfig
 from online_dpo.faults import maybe_kill
 from online_dpo.training.distributed import describe, prepare_deepspeed_config, uses_deepspeed
 from online_dpo.training.logprobs import completion_logps
+from online_dpo.training.lr_schedule import RunSchedule
 from online_dpo.training.memory import release_memory
 
 
 class DPOTrainer:
     def __init__(self, policy, loss: LossConfig, train: TrainConfig, pad_id: int,
-                 accelerator: Accelerator):
+                 accelerator: Accelerator, schedule: RunSchedule | None = None):
         self.loss_cfg = loss
         self.cfg = train
+        # The learning rate of each step over the whole run (default: train.learning_rate throughout).
+        self.schedule = schedule or RunSchedule("constant", 0.0, 1, train.learning_rate)
         self.pad_id = pad_id
         self.accelerator = accelerator
         if train.gradient_checkpointing:
@@ -44,7 +47,8 @@ class DPOTrainer:
         return self.accelerator.device
 
     def train_round(self, objective, items: Sequence, reference: torch.Tensor, seed: int, tag: str = "",
-                    beta: float | None = None, on_step: Callable[[int], None] | None = None) -> dict:
+                    beta: float | None = None, on_step: Callable[[int], None] | None = None,
+                    round_k: int = 1) -> dict:
         """One round of `objective` on `items` against `reference` (the objective's reference log-probs
         of its `reference_sequences(items)`); metrics are means over all micro-batches."""
         beta = self.loss_cfg.beta if beta is None else beta  # adaptive beta moves it per round
@@ -57,20 +61,22 @@ class DPOTrainer:
             return self._micro_step(objective, items, idx, reference, beta, weight)
 
         micro_size = objective.items_per_slot * self.cfg.micro_batch_pairs
-        return objective.summary(self._optimize(len(items), micro_size, micro, seed, tag, on_step), items)
+        return objective.summary(self._optimize(len(items), micro_size, micro, seed, tag, on_step, round_k), items)
 
     def _micro_step(self, objective, items, idx, reference, beta, weight) -> tuple[torch.Tensor, dict]:
         """The micro-batch's loss scaled by its share of the step (0 for a padding repeat), and its metrics."""
         loss, metrics = objective.loss(self._logps, items, idx, reference, beta)
         return loss * weight, metrics
 
-    def _optimize(self, n: int, micro_size: int, micro, seed: int, tag: str, on_step) -> dict:
+    def _optimize(self, n: int, micro_size: int, micro, seed: int, tag: str, on_step, round_k: int) -> dict:
         """The shared loop: epochs of seeded shuffles, gradient accumulation, clipping, AdamW.
 
-        Adam moments restart every round: each round is a new problem against the current
-        reference, and it makes a resumed round identical to an uninterrupted one.
+        Adam moments restart every round unless train.carry_optimizer_state: each round is a new
+        problem against the current reference (a carried state is saved with the checkpoint, so a
+        resumed round is identical to an uninterrupted one either way).
         """
-        self.optimizer.optimizer.state.clear()
+        if not self.cfg.carry_optimizer_state:
+            self.optimizer.optimizer.state.clear()
         self.policy.train()
         cfg, acc = self.cfg, self.accelerator
         # Under `accelerate launch` each optimizer step's items are split across processes
@@ -80,9 +86,9 @@ class DPOTrainer:
         gen = torch.Generator().manual_seed(seed)
         totals: dict[str, float] = {}
         micro_batches, step, t0 = 0, 0, time.perf_counter()
-        grad_norms = []
-        bar = tqdm(total=cfg.epochs * math.ceil(n / per_step), desc=f"{tag} train", leave=False, unit="step",
-                   disable=not acc.is_local_main_process)
+        grad_norms, rates = [], []
+        steps = cfg.epochs * math.ceil(n / per_step)
+        bar = tqdm(total=steps, desc=f"{tag} train", leave=False, unit="step", disable=not acc.is_local_main_process)
         for _ in range(cfg.epochs):
             order = torch.randperm(n, generator=gen).tolist()
             for s in range(0, len(order), per_step):
@@ -103,6 +109,9 @@ class DPOTrainer:
                     for k, v in out.items():  # every key on every process, so the reduce lines up
                         totals[k] = totals.get(k, 0.0) + (v if idx else 0.0)
                     micro_batches += bool(idx)
+                rates.append(self.schedule.rate(round_k, step, steps))
+                for group in self.optimizer.param_groups:
+                    group["lr"] = rates[-1]
                 grad_norms.append(self._step())
                 step += 1
                 if on_step is not None:
@@ -114,7 +123,8 @@ class DPOTrainer:
         bar.close()
         # Free Adam's moments now rather than at the next round's start: sampling, judging, the sync
         # and the next reference scoring then never hold 8 bytes per parameter they do not use.
-        self.optimizer.optimizer.state.clear()
+        if not cfg.carry_optimizer_state:
+            self.optimizer.optimizer.state.clear()
         release_memory()
         self.policy.eval()
         if world > 1:  # metrics are means over every process's micro-batches
@@ -123,9 +133,16 @@ class DPOTrainer:
                                              device=acc.device), reduction="sum").tolist()
             totals, micro_batches = dict(zip(keys, summed[:-1])), int(summed[-1])
         metrics = {k: v / max(micro_batches, 1) for k, v in totals.items()}
-        metrics.update(optimizer_steps=step, grad_norm=sum(grad_norms) / max(len(grad_norms), 1),
+        metrics.update(optimizer_steps=step, grad_norm=sum(grad_norms) / max(len(grad_norms), 1), learning_rates=rates,
                        train_seconds=time.perf_counter() - t0, processes=world, distributed=describe(acc))
         return metrics
+
+    def optimizer_state(self) -> dict | None:
+        """Adam's moments to carry into the next round (train.carry_optimizer_state), else None."""
+        return self.optimizer.optimizer.state_dict() if self.cfg.carry_optimizer_state else None
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self.optimizer.optimizer.load_state_dict(state)
 
     def _backward(self, loss: torch.Tensor, last_of_step: bool) -> None:
         if self.deepspeed:
