@@ -24,7 +24,7 @@ from judges.protocol import (
     Preference,
     Row,
 )
-from judges.rules import prompt_text
+from judges.rules import conversation_text
 
 DEFAULT_TEMPLATE = (
     "Which answer to the question is better: more helpful, correct and concise?\n\n"
@@ -218,7 +218,7 @@ class LLMJudge:
             raise ValueError(f"LLMJudge backend must be http, transformers or vllm, got {backend!r}")
 
     def judge(self, row: Row, first: str, second: str) -> Judgment:
-        content = self.template.format(prompt=prompt_text(row), first=first, second=second)
+        content = self.template.format(prompt=conversation_text(row), first=first, second=second)
         messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else [])
         reply = self.backend.complete(messages + [{"role": "user", "content": content}])
         return Judgment(parse_verdict(reply), f"LLM verdict {reply.strip()[:40]!r}")

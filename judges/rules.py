@@ -22,6 +22,17 @@ def prompt_text(row: dict) -> str:
     return users[-1] if users else ""
 
 
+def conversation_text(row: dict) -> str:
+    """The whole prompt for a judge to read: a string as it is, a lone user message as its text,
+    and a conversation (a system prompt, earlier turns) as one "Role: text" paragraph per turn."""
+    prompt = row.get("prompt", "")
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and prompt[0].get("role") == "user":
+        return prompt[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in prompt)
+
+
 def topic_words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
 

@@ -92,7 +92,7 @@ def test_models_are_frozen_and_closed():
         (minimal(generation={"top_p": float("nan")}), "generation.top_p: expected a finite number"),
         (minimal(judge={"target": 3}), "judge.target: expected a string, got 3"),
         (minimal(trian={"epochs": 1}), "unknown key trian"),
-        (minimal(train={"epoch": 1}), r"unknown key train.epoch \(known: epochs, grad_accum_steps"),
+        (minimal(train={"epoch": 1}), r"unknown key train.epoch \(known: carry_optimizer_state, epochs, grad_accum_steps"),
         (minimal(loss={"betta": 1}), r"unknown key loss.betta \(known: .*beta"),
         (minimal(train={"lora": {"rnak": 4}}), "unknown key train.lora.rnak"),
         (minimal(loss={"loss_type": "dpo"}), "loss.loss_type: 'dpo' is not one of"),

@@ -3,7 +3,8 @@ import json
 import datasets
 import pytest
 
-from online_dpo.data.prompts import DatasetError, load_prompt_rows, split_prompts
+from online_dpo.config.data import PromptSource
+from online_dpo.data.prompts import DatasetError, drop_duplicates, load_prompt_rows, split_prompts
 
 
 def test_jsonl_and_save_to_disk_and_conversational(tmp_path):
@@ -40,10 +41,52 @@ def test_missing_file_and_bad_format(tmp_path):
 
 
 def test_split_keeps_eval_prompts_out_of_training():
-    train, held = split_prompts([{"prompt": str(i)} for i in range(5)], 2)
+    rows = [{"prompt": str(i)} for i in range(50)]
+    train, held = split_prompts(rows[:5], 2, "tail")
     assert [r["prompt"] for r in held] == ["3", "4"] and len(train) == 3
+    train, held = split_prompts(rows, 10)  # random, seeded by data.split_seed
+    assert len(held) == 10 and not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert len(train) == 40 and held != rows[-10:]  # not the file's end: a source-ordered file mixes
+    assert split_prompts(rows, 10) == (train, held) and split_prompts(rows, 10, seed=1)[1] != held
     with pytest.raises(DatasetError, match="eval_prompts"):
         split_prompts([{"prompt": "a"}], 1)
+
+
+def test_a_dataset_dict_split_a_column_and_a_filter(tmp_path):
+    """UltraFeedback's layout: a DatasetDict with train_prefs/test_prefs and a `prompt`-less schema."""
+    folder = tmp_path / "uf"
+    datasets.DatasetDict({
+        "train_prefs": datasets.Dataset.from_dict({"question": ["a?", "b?", "c?"], "source": ["x", "y", "x"]}),
+        "test_prefs": datasets.Dataset.from_dict({"question": ["t?"], "source": ["x"]}),
+    }).save_to_disk(str(folder))
+    source = PromptSource(path=str(folder), split="train_prefs", column="question", where={"source": "x"})
+    assert [r["prompt"] for r in load_prompt_rows(source)] == ["a?", "c?"]
+    assert load_prompt_rows(PromptSource(path=str(folder), split="test_prefs", column="question"))[0]["prompt"] == "t?"
+    with pytest.raises(DatasetError, match=r"no split 'train' \(splits: \['test_prefs', 'train_prefs'\]\)"):
+        load_prompt_rows(PromptSource(path=str(folder), column="question"))
+    with pytest.raises(DatasetError, match="missing column 'topic'"):
+        load_prompt_rows(PromptSource(path=str(folder), split="train_prefs", column="question", where={"topic": 1}))
+
+
+def test_a_messages_column_keeps_the_system_prompt_and_earlier_turns(tmp_path):
+    conversation = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi?"},
+                    {"role": "assistant", "content": "Salut."}, {"role": "user", "content": "And bye?"},
+                    {"role": "assistant", "content": "Au revoir."}]  # the recorded reply goes
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"messages": conversation}) + "\n")
+    rows = load_prompt_rows(PromptSource(path=str(path), messages_column="messages"))
+    assert rows[0]["prompt"] == conversation[:4]
+
+
+def test_exact_duplicates_are_dropped_and_counted():
+    rows = [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}, {"prompt": [{"role": "user", "content": "a"}]}]
+    kept, dropped = drop_duplicates(rows)
+    assert [r["prompt"] for r in kept] == ["a", "b", [{"role": "user", "content": "a"}]] and dropped == 1
+
+
+def test_an_hf_dataset_absent_from_the_cache_is_named():
+    with pytest.raises(DatasetError, match="'someone/absent-dataset'.*HF_DATASETS_OFFLINE"):
+        load_prompt_rows(PromptSource(path="someone/absent-dataset", split="train"))
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "save_to_disk"])
@@ -88,3 +131,25 @@ def test_prompts_too_long_for_the_sampler_are_dropped_and_counted(tokenizer_dir)
     assert drop_long_prompts(rows, tokenizer, limit=lengths[1], max_share=0.0, source="p.jsonl") == (rows, 0)
     with pytest.raises(DatasetError, match=r"p.jsonl: 1 of 3 prompts are longer than .* data.max_dropped_share=0.2"):
         drop_long_prompts(rows, tokenizer, limit=lengths[1] - 1, max_share=0.2, source="p.jsonl")
+
+
+def test_held_out_prompts_from_a_split_of_their_own(tiny_model_dir, tmp_path):
+    from online_dpo.config.recipe import recipe_from_dict, recipe_to_dict
+    from online_dpo.data.prompts import run_prompts
+    from tests.conftest import tiny_recipe_dict
+
+    folder = tmp_path / "ds"
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"prompt": ["a?", "b?", "a?", "c?"]}),
+        "test": datasets.Dataset.from_dict({"prompt": ["t?", "u?"]}),
+    }).save_to_disk(str(folder))
+    body = tiny_recipe_dict(tiny_model_dir, folder, tmp_path / "runs")
+    body["data"].update(prompts={"path": str(folder), "split": "train"},
+                        eval_prompts={"path": str(folder), "split": "test"})
+    recipe = recipe_from_dict(body)
+    prompts = run_prompts(recipe)
+    assert [r["prompt"] for r in prompts.train] == ["a?", "b?", "c?"]
+    assert [r["prompt"] for r in prompts.eval] == ["t?", "u?"]
+    assert prompts.counts["duplicate_prompts"] == 1 and prompts.counts["eval_prompts"] == 2
+    # The mapping is in the resolved recipe, so a resume under another dataset is refused.
+    assert recipe_to_dict(recipe)["data"]["eval_prompts"]["split"] == "test"

@@ -217,3 +217,30 @@ def test_local_backends_give_the_same_greedy_reply(smollm2_dir):
             judge.close()
         assert judgment.preference != Preference.FAILED or "unparseable verdict" in judgment.reason
     assert replies["transformers"].strip() and replies["transformers"] == replies["vllm"]
+
+
+def test_a_conversation_reaches_the_judge_whole(server, tiny_model_dir, tmp_path):
+    """data.prompts from a messages column: the system prompt and the earlier turns are sampled
+    from and reach the LLM judge's request; the recorded reply does not."""
+    import json
+
+    import yaml
+
+    from tests.conftest import cli, tiny_recipe_dict
+
+    s = server([(200, chat_reply("A"), 0)])
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "Answer in French."}, {"role": "user", "content": f"Name {i}?"},
+        {"role": "assistant", "content": "RECORDED REPLY"}]}) + "\n" for i in range(8)))
+    body = tiny_recipe_dict(tiny_model_dir, chats, tmp_path / "runs", rounds=1,
+                            judge={"target": "judges.llm:LLMJudge", "retries": 0,
+                                   "kwargs": {"backend": "http", "model": "m", "base_url": s.url}})
+    body["data"].update(prompts={"path": str(chats), "messages_column": "messages"}, eval_prompts=2)
+    recipe = tmp_path / "chats.yaml"
+    recipe.write_text(yaml.safe_dump(body))
+    done = cli("run", str(recipe))
+    assert done.returncode == 0, done.stderr[-3000:]
+    contents = [r["body"]["messages"][-1]["content"] for r in s.requests]
+    assert contents and all("System: Answer in French.\n\nUser: Name " in c for c in contents)
+    assert not any("RECORDED REPLY" in c for c in contents)

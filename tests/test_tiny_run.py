@@ -157,7 +157,7 @@ def test_eval_every_n_rounds_and_always_the_last(tiny_model_dir, prompts_file, t
 
 def test_a_prompt_longer_than_the_sampler_holds_is_dropped_not_sampled(tiny_model_dir, prompts_file, tmp_path):
     long_prompt = "Tell me everything about " + "very " * 150 + "long things."
-    # First in the file: unfiltered, it would be a training prompt (the held-out ones are last).
+    # Unfiltered, it could be sampled (a training prompt) or held out.
     prompts_file.write_text(json.dumps({"prompt": long_prompt}) + "\n" + prompts_file.read_text())
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=1,
                             **{"generation.max_model_len": 160, "data.prompts_per_round": 13})
@@ -167,7 +167,8 @@ def test_a_prompt_longer_than_the_sampler_holds_is_dropped_not_sampled(tiny_mode
     run = Run(recipe_from_dict(data))
     run.execute()
     assert json.loads((run.dir / "prompts.json").read_text()) == {
-        "prompts": 12, "dropped_long_prompts": 1, "max_prompt_tokens": 148}
+        "prompts": 12, "duplicate_prompts": 0, "dropped_long_prompts": 1, "train_prompts": 11, "eval_prompts": 1,
+        "max_prompt_tokens": 148}
     sampled = [json.loads(x)["row"]["prompt"] for x in (run.dir / "round_1" / "samples.jsonl").read_text().splitlines()]
     assert len(sampled) == 13 and long_prompt not in sampled  # 11 training prompts, cycled
 

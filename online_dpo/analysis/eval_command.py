@@ -18,7 +18,7 @@ from online_dpo.analysis.held_out import kl_estimate, sample_records, sample_sum
 from online_dpo.analysis.round_uncertainty import eval_score_groups, outcome_values
 from online_dpo.analysis.statistics import min_detectable_difference, paired_bootstrap_diff
 from online_dpo.config.recipe import JudgeConfig, recipe_from_dict
-from online_dpo.data.prompts import sampling_prompts, split_prompts
+from online_dpo.data.prompts import run_prompts, sampling_prompts
 from online_dpo.sampling.generator import SamplingSettings
 from online_dpo.sampling.weight_sync import build_generator, probe_tolerance, sync_and_verify
 from online_dpo.storage.artifacts import write_json
@@ -52,8 +52,7 @@ def evaluate(run_dir: Path, checkpoint: Path | None, against: list[str], judge: 
     judge_cfg = judge or recipe.eval.judge or recipe.judge
     eval_judge, scorer = build_judge_stack(judge_cfg, run_dir / "eval" / "judge_cache.jsonl")
     # The run's own held-out prompts: the same length filter, then the same split.
-    rows = (sampling_prompts(recipe, prompts)[0] if prompts
-            else split_prompts(sampling_prompts(recipe)[0], recipe.data.eval_prompts)[1])
+    rows = sampling_prompts(recipe, prompts)[0] if prompts else run_prompts(recipe).eval
     policy_path = checkpoint or latest_checkpoint(run_dir)
     baselines = {spec: resolve_model(spec, run_dir) for spec in against}
 

@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 
 from online_dpo.config.base import Bool, Float, Int, Section, Str
 from online_dpo.config.compat import check_recipe
+from online_dpo.config.data import DataConfig, PromptSource
 from online_dpo.config.errors import RecipeError
 from online_dpo.config.generation import GenerationConfig, ServerConfig, ServerLaunchConfig
 
@@ -164,23 +165,6 @@ class ReferenceConfig(Section):
         return self
 
 
-class DataConfig(Section):
-    prompts: Str
-    """A jsonl/json/parquet/csv file (or save_to_disk folder) with a `prompt` column."""
-    prompts_per_round: Int = Field(16, gt=0)
-    """Mode fully_online: derived, train.micro_batch_pairs * train.grad_accum_steps."""
-    eval_prompts: Int = Field(8, ge=1)
-    """Held-out prompts (taken from the end of the file) scored after every evaluated round."""
-    pairs: Str | None = None
-    """Mode offline only: a prompt/chosen/rejected dataset. Unset: pairs are sampled once from pi_0."""
-    max_prompt_tokens: Int | None = Field(None, gt=0)
-    """Prompts longer than this many tokens (chat template applied) are dropped at load and counted
-    in runs/<name>/prompts.json, so none can overflow the sampler. None: generation.max_model_len
-    minus generation.max_tokens; a larger value is refused."""
-    max_dropped_share: Float = Field(0.1, ge=0, le=1)
-    """Refuse the run when the prompt-length limit drops more than this share of the prompts."""
-
-
 class EvalConfig(Section):
     judge: JudgeConfig | None = None
     """The judge for held-out evaluation; unset means the training judge. A different one
@@ -278,7 +262,7 @@ def _number(x: Any) -> Any:
 
 def _error_message(err: dict) -> str:
     """One pydantic error as "dotted.key: what was wrong"."""
-    loc = [str(p) for p in err["loc"]]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith("<")]  # a union's tag (config/data.py)
     key, kind, ctx, value = ".".join(loc), err["type"], err.get("ctx") or {}, err.get("input")
     if kind == "missing":
         return f"missing required key {key}"
@@ -358,14 +342,19 @@ def recipe_from_dict(data: dict, base_dir: Path | None = None) -> Recipe:
         raise _recipe_error(e) from None
     if base_dir is not None:
         # Data paths in a recipe are relative to the recipe file, so recipes run from any cwd.
-        for name in ("prompts", "pairs"):
-            value = getattr(recipe.data, name)
-            if value is None or Path(value).is_absolute() or Path(value).exists():
+        # (An HF dataset name stays as it is: no such file exists beside the recipe.)
+        data = recipe.data
+        for name in ("prompts", "pairs", "eval_prompts"):
+            value = getattr(data, name)
+            source = value if isinstance(value, PromptSource) else None
+            path = source.path if source is not None else value
+            if not isinstance(path, str) or Path(path).is_absolute() or Path(path).exists():
                 continue
-            candidate = Path(base_dir) / value
+            candidate = Path(base_dir) / path
             if candidate.exists():
-                recipe = recipe.model_copy(update={
-                    "data": recipe.data.model_copy(update={name: str(candidate)})})
+                moved = source.model_copy(update={"path": str(candidate)}) if source else str(candidate)
+                data = data.model_copy(update={name: moved})
+        recipe = recipe.model_copy(update={"data": data})
     check_recipe(recipe)
     return recipe
 

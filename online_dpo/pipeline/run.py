@@ -42,7 +42,7 @@ from online_dpo.analysis.round_uncertainty import alarm_message
 from online_dpo.analysis.trackers import build_tracking
 from online_dpo.config.compat import prompt_token_limit
 from online_dpo.config.recipe import Recipe, RecipeError, recipe_from_dict, recipe_to_dict
-from online_dpo.data.prompts import sampling_prompts, split_prompts
+from online_dpo.data.prompts import run_prompts
 from online_dpo.faults import maybe_kill
 from online_dpo.pipeline.beta_schedules import build_beta
 from online_dpo.pipeline.checkpoints import build_checkpoints
@@ -92,18 +92,18 @@ class Run:
         objective = build_objective(recipe.loss)
         if recipe.mode == "offline" and recipe.data.pairs is not None:
             objective.check_dataset(recipe.data.pairs)
-        rows, dropped = sampling_prompts(recipe)
-        train_rows, eval_rows = split_prompts(rows, recipe.data.eval_prompts)
+        prompts = run_prompts(recipe)
+        train_rows, eval_rows = prompts.train, prompts.eval
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             check_resolved_recipe(recipe, self.dir)
-            counts = {"prompts": len(rows), "dropped_long_prompts": dropped,
-                      "max_prompt_tokens": prompt_token_limit(recipe)}
             if not (self.dir / "prompts.json").exists():  # the recipe cannot change on resume
-                write_json(self.dir / "prompts.json", counts)
-            if dropped:
-                print(f"[online-dpo] {dropped} prompts longer than {prompt_token_limit(recipe)} tokens "
-                      f"dropped (data.max_prompt_tokens)", flush=True)
+                write_json(self.dir / "prompts.json", prompts.counts)
+            for kind, why in (("dropped_long_prompts", f"longer than {prompt_token_limit(recipe)} tokens "
+                                                       "dropped (data.max_prompt_tokens)"),
+                              ("duplicate_prompts", "exact duplicates dropped")):
+                if prompts.counts[kind]:
+                    print(f"[online-dpo] {prompts.counts[kind]} prompts {why}", flush=True)
         procs.barrier()
         if procs.agree(self.finished()):
             if self.main:  # a run killed after its last metrics.json, before a tracker logged it
