@@ -157,7 +157,7 @@ def test_eval_every_n_rounds_and_always_the_last(tiny_model_dir, prompts_file, t
 
 def test_a_prompt_longer_than_the_sampler_holds_is_dropped_not_sampled(tiny_model_dir, prompts_file, tmp_path):
     long_prompt = "Tell me everything about " + "very " * 150 + "long things."
-    # Unfiltered, it could be sampled (a training prompt) or held out.
+    # First in the file: unfiltered, it would be a training prompt (the held-out ones are last).
     prompts_file.write_text(json.dumps({"prompt": long_prompt}) + "\n" + prompts_file.read_text())
     data = tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path / "runs", rounds=1,
                             **{"generation.max_model_len": 160, "data.prompts_per_round": 13})
