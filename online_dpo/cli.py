@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     from judges.loading import JudgeLoadError
     from judges.protocol import JudgeConfigError
     from online_dpo.config.recipe import RecipeError, load_recipe
+    from online_dpo.console import debug
     from online_dpo.data.prompts import DatasetError
 
     try:
@@ -101,7 +102,32 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DatasetError, JudgeLoadError, JudgeConfigError, FileNotFoundError) as e:
         print(f"online-dpo: error: {e}", file=sys.stderr)
         return 2
+    except fault_types() as e:  # each message names the problem and what to do; no traceback
+        if debug():
+            raise
+        print(f"online-dpo: error: {e}\n(finished work is kept; the traceback: ONLINE_DPO_DEBUG=1)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def fault_types() -> tuple[type[BaseException], ...]:
+    """The errors a run raises for its user (a server, a judge, the weight sync, the data), each
+    with a message that says what went wrong and how to resume; anything else is a bug and keeps
+    its traceback."""
+    from judges.protocol import JudgeRequestRejected
+    from online_dpo.pipeline.objectives import NonFiniteLossError
+    from online_dpo.pipeline.pair_sources import NoPairsError
+    from online_dpo.pipeline.steps import JudgeFailureError, ReferenceMismatchError
+    from online_dpo.sampling.placement import EngineDoesNotFitError
+    from online_dpo.sampling.samplers import SamplingError, StaleSampleError
+    from online_dpo.sampling.vllm_server import ServerError
+    from online_dpo.sampling.weight_sync import WeightSyncError
+    from online_dpo.training.packing import PackingUnsupportedError
+
+    return (ServerError, WeightSyncError, SamplingError, StaleSampleError, EngineDoesNotFitError,
+            JudgeFailureError, JudgeRequestRejected, ReferenceMismatchError, NoPairsError,
+            NonFiniteLossError, PackingUnsupportedError)
 
 
 def _sweep(args) -> int:

@@ -53,3 +53,30 @@ def test_no_deepspeed_or_reduce_op_noise():
     if "scan warns without the filter" in console:
         assert "scan warns without the filter: True" in console  # the trigger is live here
     assert "reduce_op" not in console, console[-3000:]
+
+
+ENGINE_STDERR = r'''
+import logging, os
+os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
+from online_dpo.console import engine_start_stderr, quiet_vllm_logging
+quiet_vllm_logging()
+with engine_start_stderr():
+    os.write(2, b"kept 1\n[W1204 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy for memory\n")
+    os.write(2, b"bar  50%\rbar 100%\r")
+    logging.getLogger("vllm.platforms.cpu").warning("Triton is not installed. triton-cpu is expected on x86 CPUs.")
+    logging.getLogger("vllm.config").warning("kept 2: a warning that is not on the list")
+os.write(2, b"after\n")
+'''
+
+
+def test_the_harmless_lines_go_and_every_other_line_stays():
+    """C++ lines at engine start go through a filter on fd 2; vLLM's Python warnings through a
+    handler that drops the listed ones alone. ONLINE_DPO_DEBUG=1 keeps everything."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ONLINE_DPO_DEBUG": "0"}
+    quiet = subprocess.run([sys.executable, "-c", ENGINE_STDERR], cwd=REPO, env=env, capture_output=True,
+                           timeout=120)  # bytes: text mode would turn the bars' \r into \n
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stderr == b"kept 1\nbar  50%\rbar 100%\rkept 2: a warning that is not on the list\nafter\n"
+    loud = subprocess.run([sys.executable, "-c", ENGINE_STDERR], cwd=REPO, env={**env, "ONLINE_DPO_DEBUG": "1"},
+                          capture_output=True, text=True, timeout=120)
+    assert "NUMA binding" in loud.stderr and "triton-cpu is expected" in loud.stderr

@@ -2,6 +2,7 @@
 exact-match held-out metric with its 95% interval written for pi_0 and every evaluated round."""
 
 import json
+import re
 
 import pytest
 
@@ -31,6 +32,12 @@ def test_quickstart_shortened_writes_the_held_out_metric_and_its_interval(tmp_pa
         scores = [ExactAnswerJudge().score(s["row"], c["text"]) for s in samples for c in s["samples"]]
         assert ev["eval_judge_score"] == pytest.approx(sum(scores) / len(scores))
     assert "eval_score=" in out.stdout and "[" in out.stdout  # the round line shows the interval
+    # A quiet console: nothing but progress bars, our own lines and the result table, on either
+    # stream (vLLM's harmless start-up alarms are dropped: online_dpo/console.py).
+    bar = re.compile(r"\d+%.*\d+/\d+ \[[\d:?]+<[\d:?]+")
+    for line in re.split(r"[\r\n]", out.stdout + out.stderr):
+        line = line.strip()
+        assert not line or line.startswith(("[online-dpo]", "|")) or bar.search(line), line
 
 
 def test_exact_answer_judge_takes_only_the_final_number():

@@ -5,13 +5,14 @@ import json
 import datasets
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from online_dpo.config.recipe import recipe_from_dict
 from online_dpo.data.prompts import DatasetError
 from online_dpo.pipeline.run import STEPS, Run
 from online_dpo.sampling.weight_sync import WeightSyncError, verify_engine
-from tests.conftest import tiny_recipe_dict
+from tests.conftest import REPO, cli, tiny_recipe_dict
 
 
 @pytest.fixture
@@ -125,6 +126,13 @@ def test_crashing_judge_stops_past_the_failure_ceiling(tiny_model_dir, prompts_f
     judgments = (run.dir / "round_1" / "judgments.jsonl").read_text()
     assert "judge backend exploded" in judgments
     assert not (run.dir / "round_1" / "judge.json").exists()  # the step is not marked done
+    # From the command line: the message and where to look, no traceback (unless asked for).
+    recipe = tmp_path / "crash.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    for debug, traceback in (("0", False), ("1", True)):
+        done = cli("run", str(recipe), env={"PYTHONPATH": str(REPO), "ONLINE_DPO_DEBUG": debug})
+        assert done.returncode == 1 and "judge failed on 4/4 prompts" in done.stderr
+        assert ("Traceback" in done.stderr) == traceback, done.stderr[-2000:]
 
 
 def test_run_survives_a_round_without_pairs(tiny_model_dir, prompts_file, tmp_path):

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 
 import torch
 
+from online_dpo.console import engine_start_stderr, note_cpu_backend, quiet_vllm_logging
 from online_dpo.sampling.generator import Completion, SamplingSettings
 
 WORKER_EXTENSION = "online_dpo.sampling.vllm_worker.WeightSyncExtension"
@@ -26,19 +27,22 @@ REDUCE_OP_WARNING = ("`torch.distributed.reduce_op` is deprecated, please use "
                      "`torch.distributed.ReduceOp` instead")
 
 
-# vLLM's reload_weights logs this at every in-place sync (model_loader/reload/layerwise.py).
+# vLLM's reload_weights logs these at every in-place sync (model_loader/reload/layerwise.py).
 RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 ROTARY_RELOAD_WARNING = "RotaryEmbedding: Failed to load weights"
+TIED_HEAD_RELOAD_WARNING = "ParallelLMHead: Failed to load weights"
 
 
 class RotaryReloadFilter(logging.Filter):
-    """Drops exactly vLLM's `RotaryEmbedding: Failed to load weights` record, nothing else.
+    """Drops exactly two of vLLM's `<layer>: Failed to load weights` records, nothing else.
     Harmless: the rotary cos/sin cache is computed from the config, not a checkpoint tensor, so a
     trainer's state dict never carries it, and reload_weights puts the engine's own tensor back as
-    it was. The probe scored after every sync (engine.verify_engine) proves the weights whole."""
+    it was; a tied LM head is the embedding matrix, whose name the weight stream leaves out as
+    save_pretrained does. The probe scored after every sync (engine.verify_engine) proves the
+    weights whole: a stale head or rotary cache would move its log-probs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() != ROTARY_RELOAD_WARNING
+        return record.getMessage() not in (ROTARY_RELOAD_WARNING, TIED_HEAD_RELOAD_WARNING)
 
 
 def quiet_rotary_reload_warning() -> None:
@@ -78,6 +82,7 @@ def configure_vllm_env(kv_cache_gib: int) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    quiet_vllm_logging()  # vLLM's harmless start-up warnings (online_dpo/console.py)
     # Harmless: at engine start vllm-cpu's Triton kernel dispatcher scans every loaded module's
     # globals with hasattr(), which trips torch's deprecation of the `torch.distributed.reduce_op`
     # alias; nothing reads or uses it. Only that message, only from that module, is silenced.
@@ -90,7 +95,6 @@ class VLLMGenerator:
                  gpu_memory_utilization: float = 0.4, max_model_len: int = 2048,
                  tensor_parallel_size: int = 1, cpu_top_p_without_sort: bool = True, sleep: bool = False):
         configure_vllm_env(kv_cache_gib)
-        from vllm import LLM
 
         on_cuda = torch.cuda.is_available()
         if not on_cuda:  # the engine samples in this process (configure_vllm_env), so this reaches it
@@ -100,7 +104,18 @@ class VLLMGenerator:
                 top_p.install()
             else:
                 top_p.uninstall()
-        self.llm = LLM(
+            note_cpu_backend()
+        with engine_start_stderr():  # drops torch's C++ NUMA-binding notice (online_dpo/console.py)
+            self.llm = self._start(model_dir, dtype, seed, max_model_len, tensor_parallel_size, on_cuda,
+                                   gpu_memory_utilization, sleep)
+        self.weight_version: str | None = None
+        self.sleep, self.asleep = sleep, False
+
+    @staticmethod
+    def _start(model_dir, dtype, seed, max_model_len, tensor_parallel_size, on_cuda, gpu_memory_utilization, sleep):
+        from vllm import LLM
+
+        return LLM(
             model=str(model_dir),
             dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
             seed=seed,
@@ -114,8 +129,6 @@ class VLLMGenerator:
             **({"gpu_memory_utilization": gpu_memory_utilization} if on_cuda else {}),
             **({"enable_sleep_mode": True} if sleep else {}),  # CUDA only: compat.check_launch
         )
-        self.weight_version: str | None = None
-        self.sleep, self.asleep = sleep, False
 
     def generate(self, prompt_ids: list[list[int]], settings: SamplingSettings) -> list[list[Completion]]:
         self._check_awake()
