@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from judges.protocol import Judgment, Preference, Row
+from judges.reliable import start_call
 
 _SWAP = {Preference.FIRST: Preference.SECOND, Preference.SECOND: Preference.FIRST}
 
@@ -32,6 +33,11 @@ class BothOrders:
     def concurrency(self) -> int:
         return getattr(self.inner, "concurrency", 1)
 
+    @property
+    def calls_per_judgment(self) -> int:
+        """Requests one judgment keeps in flight: both orders at once when the judge is concurrent."""
+        return 2 if self.concurrency > 1 else 1
+
     def score_many(self, row: Row, completions: list[str]):
         return self.inner.score_many(row, completions)
 
@@ -43,10 +49,14 @@ class BothOrders:
             self.inner.close()
 
     def judge(self, row: Row, first: str, second: str) -> Judgment:
-        forward = self.inner.judge(row, first, second)
+        if self.calls_per_judgment == 2:  # both orders in flight; the second is paid even if the first fails
+            backward_call = start_call(self.inner.judge, row, second, first, name="judge-order")
+            forward, backward = self.inner.judge(row, first, second), backward_call.result()
+        else:  # one at a time: a failed first order spares the second call
+            forward = self.inner.judge(row, first, second)
+            backward = forward if forward.preference == Preference.FAILED else self.inner.judge(row, second, first)
         if forward.preference == Preference.FAILED:
             return forward
-        backward = self.inner.judge(row, second, first)
         if backward.preference == Preference.FAILED:
             return backward
         backward_as_forward = _SWAP.get(backward.preference, backward.preference)
@@ -65,3 +75,4 @@ class BothOrders:
             stats = {"position_flip_rate": self.flipped / self.compared if self.compared else None}
             self.compared = self.flipped = 0
         return stats
+

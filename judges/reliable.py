@@ -121,8 +121,7 @@ class ReliableJudge:
         if not self.timeout_s:
             return fn(*args)
         # A thread of its own per call: a stuck call keeps its thread, and no other call waits for it.
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        threading.Thread(target=_run_into, args=(future, fn, args), daemon=True, name="judge-call").start()
+        future = start_call(fn, *args)
         try:
             return future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
@@ -271,6 +270,13 @@ def map_in_order(fn, items: list, concurrency: int = 1) -> Iterator:
             yield future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def start_call(fn, *args, name: str = "judge-call") -> concurrent.futures.Future:
+    """fn(*args) on a thread of its own, a daemon: a call that never returns holds no one up."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    threading.Thread(target=_run_into, args=(future, fn, args), daemon=True, name=name).start()
+    return future
 
 
 def _run_into(future: concurrent.futures.Future, fn, args) -> None:

@@ -160,3 +160,21 @@ def test_one_prompts_comparisons_are_judged_concurrently(picky):
         judge.close()
     assert results[1] == results[8] and len(results[8][0]["comparisons"]) == 15
     assert in_flight[1] == 1 and in_flight[8] > 1
+
+
+def test_both_orders_of_a_comparison_are_in_flight_together(picky):
+    """judge.both_orders at concurrency 2: one comparison's two orders go at once (the bound still
+    holds: one judgment of two requests); serial sends them one after the other."""
+    from online_dpo.config.recipe import JudgeConfig
+
+    results, in_flight = {}, {}
+    for concurrency in (1, 2):
+        picky.reset()
+        cfg = JudgeConfig(**judge_config(picky.url, both_orders=True, concurrency=concurrency))
+        judge, _ = build_judge_stack(cfg, cache_path=None)
+        results[concurrency] = list(judge_prompts(judge, prompts(n=3, samples=2), "best_vs_worst",
+                                                  random.Random(7), concurrency=judge.concurrency))
+        in_flight[concurrency] = picky.most_in_flight
+        judge.close()
+    assert results[1] == results[2]
+    assert in_flight[1] == 1 and in_flight[2] == 2

@@ -82,7 +82,8 @@ def win_rate(judge, policy: list[dict], baseline: list[dict]) -> dict:
 
     # Each prompt's counts, for intervals and paired comparisons later; prompts judged at once as
     # in the judge step (judge.concurrency).
-    per_prompt = list(map_in_order(prompt_counts, list(zip(policy, baseline, strict=True)), judge.concurrency))
+    in_flight = max(1, judge.concurrency // judge.calls_per_judgment)  # each judgment sends both orders at once
+    per_prompt = list(map_in_order(prompt_counts, list(zip(policy, baseline, strict=True)), in_flight))
     wins, losses, ties, failed = (sum(c[key] for c in per_prompt) for key in ("wins", "losses", "ties", "failed"))
     judged = wins + losses + ties
     interval = wilson(wins + ties / 2, judged)  # ties count half: see online_dpo.analysis.statistics.wilson

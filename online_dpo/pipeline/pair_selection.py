@@ -27,6 +27,8 @@ def judge_prompts(judge, prompts: list[tuple[dict, list[str]]], strategy: str, r
     as a round of many. The random strategy's picks are drawn first, in prompt order, so the pairs
     do not depend on which judgment comes back first (judges.reliable.map_in_order)."""
     picks = [rng.sample(range(len(texts)), 2) if strategy == "random" else None for _, texts in prompts]
+    # Judgments in flight, so that requests stay within `concurrency` (BothOrders sends two at once).
+    concurrency = max(1, concurrency // getattr(judge, "calls_per_judgment", 1))
     if strategy != "random" and not getattr(judge, "pointwise", False):
         return _round_robin_prompts(judge, prompts, max_length_ratio, concurrency)
 
