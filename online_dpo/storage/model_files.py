@@ -69,8 +69,8 @@ def hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
                                                         local_files_only=constants.HF_HUB_OFFLINE))
     except LocalEntryNotFoundError:
         raise FileNotFoundError(
-            f"model {repo_id!r} (revision {revision or 'main'}) is not in the HF cache "
-            f"{constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is on: download it first "
+            f"model {repo_id!r} is neither a local folder nor, at revision {revision or 'main'}, in the HF "
+            f"cache {constants.HF_HUB_CACHE} (HF_HUB_OFFLINE is on): download it first "
             f"(huggingface-cli download {repo_id}), or run with HF_HUB_OFFLINE=0"
         ) from None
     if not (folder / "config.json").exists():
