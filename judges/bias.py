@@ -76,3 +76,9 @@ class BothOrders:
             self.compared = self.flipped = 0
         return stats
 
+
+
+def judgments_in_flight(judge, requests: int) -> int:
+    """How many judgments to run at once so that `requests` bound the calls in flight (a
+    BothOrders judgment sends both orders together)."""
+    return max(1, requests // getattr(judge, "calls_per_judgment", 1))

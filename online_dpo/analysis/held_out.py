@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from judges.bias import BothOrders
+from judges.bias import BothOrders, judgments_in_flight
 from judges.protocol import Preference
 from judges.reliable import map_in_order
 from online_dpo.analysis.statistics import bootstrap_mean, wilson
@@ -82,7 +82,7 @@ def win_rate(judge, policy: list[dict], baseline: list[dict]) -> dict:
 
     # Each prompt's counts, for intervals and paired comparisons later; prompts judged at once as
     # in the judge step (judge.concurrency).
-    in_flight = max(1, judge.concurrency // judge.calls_per_judgment)  # each judgment sends both orders at once
+    in_flight = judgments_in_flight(judge, judge.concurrency)
     per_prompt = list(map_in_order(prompt_counts, list(zip(policy, baseline, strict=True)), in_flight))
     wins, losses, ties, failed = (sum(c[key] for c in per_prompt) for key in ("wins", "losses", "ties", "failed"))
     judged = wins + losses + ties

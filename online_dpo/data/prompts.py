@@ -66,9 +66,12 @@ def load_source(source: PromptSource) -> datasets.Dataset:
     return _split_of(ds, source.split, source.path)
 
 
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
 def _up_to_last_user_turn(messages, where: str) -> list[dict]:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
-                                                 for m in messages):
+    if not _is_messages(messages):
         raise DatasetError(f"{where}: not a list of chat messages with role and content: {messages!r}")
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
     if not users:
@@ -98,9 +101,7 @@ def load_prompt_rows(source: str | PromptSource) -> list[dict]:
         if isinstance(prompt, str):
             ok = bool(prompt.strip())
         else:
-            ok = isinstance(prompt, list) and len(prompt) > 0 and all(
-                isinstance(m, dict) and "role" in m and "content" in m for m in prompt
-            )
+            ok = bool(prompt) and _is_messages(prompt)
         if not ok:
             raise DatasetError(f"{name}: row {i}: column {column!r} is empty or malformed: {prompt!r}")
         row["prompt"] = prompt

@@ -12,6 +12,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+from judges.bias import judgments_in_flight
 from judges.protocol import Judgment, Preference
 from judges.reliable import map_in_order
 from online_dpo.data.offline_pairs import EXAMPLE_COLUMNS, PAIR_COLUMNS
@@ -28,7 +29,7 @@ def judge_prompts(judge, prompts: list[tuple[dict, list[str]]], strategy: str, r
     do not depend on which judgment comes back first (judges.reliable.map_in_order)."""
     picks = [rng.sample(range(len(texts)), 2) if strategy == "random" else None for _, texts in prompts]
     # Judgments in flight, so that requests stay within `concurrency` (BothOrders sends two at once).
-    concurrency = max(1, concurrency // getattr(judge, "calls_per_judgment", 1))
+    concurrency = judgments_in_flight(judge, concurrency)
     if strategy != "random" and not getattr(judge, "pointwise", False):
         return _round_robin_prompts(judge, prompts, max_length_ratio, concurrency)
 
