@@ -49,6 +49,13 @@ def gold_answer(row: Row, column: str) -> str:
     return str(row[column])
 
 
+def check_gold_column(rows: list[Row], column: str) -> None:
+    """Refuse, when the run loads, prompts without the gold-answer column."""
+    for i, row in enumerate(rows):
+        if row.get(column) in (None, ""):
+            raise KeyError(f"prompt row {i} has no gold answer in column {column!r} (has {sorted(row)})")
+
+
 def _normalize(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
 
@@ -58,6 +65,9 @@ class GoldAnswerJudge:
 
     def __init__(self, column: str = "answer"):
         self.column = column
+
+    def check_rows(self, rows: list[Row]) -> None:
+        check_gold_column(rows, self.column)
 
     def score(self, row: Row, completion: str) -> float:
         gold = _normalize(gold_answer(row, self.column))
@@ -85,6 +95,12 @@ class ExactAnswerJudge:
 
     def __init__(self, column: str = "answer"):
         self.column = column
+
+    def check_rows(self, rows: list[Row]) -> None:
+        check_gold_column(rows, self.column)
+        for i, row in enumerate(rows):
+            if final_number(str(row[self.column])) is None:
+                raise ValueError(f"prompt row {i}: gold answer {row[self.column]!r} is not a number")
 
     def score(self, row: Row, completion: str) -> float:
         gold = final_number(gold_answer(row, self.column))

@@ -89,6 +89,24 @@ def compare_scores(first: float, second: float, tie_margin: float = 0.0) -> Judg
     return Judgment(preference, reason, first, second)
 
 
+def judge_hook(judge, name: str):
+    """A judge's optional method (`check_rows`, `eval_metrics`), found through the layers that wrap
+    it (each keeps the judge it wraps as `inner`); None when the judge has none."""
+    while judge is not None:
+        hook = getattr(type(judge), name, None)
+        if callable(hook):
+            return getattr(judge, name)
+        judge = getattr(judge, "inner", None)
+    return None
+
+
+def innermost(judge):
+    """The user's judge under the layers that wrap it."""
+    while getattr(judge, "inner", None) is not None:
+        judge = judge.inner
+    return judge
+
+
 class PointwiseAsPairwise:
     """Any pointwise judge is also a pairwise one: the higher score wins, equal scores tie."""
 

@@ -72,16 +72,24 @@ class InformativeAnswerJudge:
       on_topic  = share of the prompt's content words the answer uses (capped at 1)
       complete  = 1 if the answer has at least `min_words` words and ends a sentence, else 0
       diversity = distinct words / words (repetition and degenerate loops score low)
+    `question_column` reads the question from that column instead of the prompt: a judge that must
+    not see the prompt's constraints (the instruction-following showcase's win rate).
     """
 
-    def __init__(self, min_words: int = 8):
+    def __init__(self, min_words: int = 8, question_column: str | None = None):
         self.min_words = min_words
+        self.question_column = question_column
+
+    def check_rows(self, rows: list[dict]) -> None:
+        if self.question_column and any(not row.get(self.question_column) for row in rows):
+            raise KeyError(f"a prompt row has no question in column {self.question_column!r}")
 
     def score(self, row: dict, completion: str) -> float:
         words = completion.lower().split()
         if not words:
             return 0.0
-        wanted = topic_words(prompt_text(row))
+        question = str(row[self.question_column]) if self.question_column else prompt_text(row)
+        wanted = topic_words(question)
         on_topic = len(wanted & topic_words(completion)) / len(wanted) if wanted else 0.0
         complete = float(len(words) >= self.min_words and bool(_SENTENCE_END.search(completion)))
         return min(on_topic, 1.0) + complete + len(set(words)) / len(words)

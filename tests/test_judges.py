@@ -252,8 +252,20 @@ def test_an_unset_eval_judge_shares_the_training_judge_instance(tiny_model_dir, 
     from online_dpo.pipeline.run import Run
     from tests.conftest import tiny_recipe_dict
 
-    shared = Run(recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path))).build_judges()
+    shared = Run(recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path))).build_judges([], [])
     assert shared[1].inner is shared[0].inner and shared[2].inner is shared[0].inner
     other = Run(recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path, **{
-        "eval.judge": {"target": "judges.rules:InformativeAnswerJudge"}}))).build_judges()
+        "eval.judge": {"target": "judges.rules:InformativeAnswerJudge"}}))).build_judges([], [])
     assert other[1].inner is not other[0].inner
+
+
+def test_gold_answer_judges_refuse_rows_without_a_usable_gold_answer_at_load():
+    from judges.functions import ExactAnswerJudge, GoldAnswerJudge
+
+    rows = [{"prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?"}]
+    for judge in (GoldAnswerJudge(), ExactAnswerJudge()):
+        with pytest.raises(KeyError, match="prompt row 1 has no gold answer in column 'answer'"):
+            judge.check_rows(rows)
+    with pytest.raises(ValueError, match="prompt row 0: gold answer 'four' is not a number"):
+        ExactAnswerJudge().check_rows([{"prompt": "2+2?", "answer": "four"}])
+    ExactAnswerJudge().check_rows(rows[:1])

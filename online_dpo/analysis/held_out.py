@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from judges.bias import BothOrders, judgments_in_flight
-from judges.protocol import Preference
+from judges.protocol import Preference, judge_hook
 from judges.reliable import map_in_order
 from online_dpo.analysis.statistics import bootstrap_mean, wilson
 from online_dpo.sampling.generator import SamplingSettings
@@ -62,10 +62,13 @@ def sample_summary(records: list[dict], scorer) -> dict:
             per_prompt.append(values)
             scores += [v for v in values if v is not None]
     interval = bootstrap_mean(per_prompt)
+    # A judge's own held-out metrics (IFEval's prompt- and instruction-level accuracy), when it has some.
+    metrics = judge_hook(scorer, "eval_metrics")
+    extra = metrics([(r["row"], [s["text"] for s in r["samples"]]) for r in records]) if metrics else {}
     return {"judge_score": sum(scores) / len(scores) if scores else None,
             "judge_score_ci": interval.ci if interval else None,
             "mean_length": sum(s["num_tokens"] for s in samples) / len(samples),
-            "eos_rate": sum(s["finished"] for s in samples) / len(samples)}
+            "eos_rate": sum(s["finished"] for s in samples) / len(samples), "judge_metrics": extra}
 
 
 def win_rate(judge, policy: list[dict], baseline: list[dict]) -> dict:

@@ -36,8 +36,9 @@ def check_recipe(recipe) -> None:
     _check_kto(recipe)
     check_trackers(recipe.report_to)  # each named once, its package installed
     judge = resolve_judge(recipe.judge, "judge")
-    if recipe.eval.judge is not None:
-        resolve_judge(recipe.eval.judge, "eval.judge")
+    for key, cfg in (("eval.judge", recipe.eval.judge), ("eval.win_rate_judge", recipe.eval.win_rate_judge)):
+        if cfg is not None:
+            resolve_judge(cfg, key)
     pointwise = callable(getattr(judge, "score", None))
     if needs_pointwise_judge(recipe) and inspect.isclass(judge) and not pointwise:
         raise RecipeError(
@@ -139,7 +140,8 @@ def check_launch(recipe, accelerator) -> None:
     """Refuse recipe settings the launch's distributed setup cannot run (before any model loads)."""
     kind = accelerator.distributed_type
     g = recipe.generation
-    local_vllm = [key for key, cfg in (("judge", recipe.judge), ("eval.judge", recipe.eval.judge))
+    local_vllm = [key for key, cfg in (("judge", recipe.judge), ("eval.judge", recipe.eval.judge),
+                                       ("eval.win_rate_judge", recipe.eval.win_rate_judge))
                   if cfg is not None and cfg.kwargs.get("backend") == "vllm"]
     if accelerator.num_processes > 1 and local_vllm:
         # The same wait as below: a vLLM engine that process 0 alone builds never starts.

@@ -169,6 +169,10 @@ class EvalConfig(Section):
     judge: JudgeConfig | None = None
     """The judge for held-out evaluation; unset means the training judge. A different one
     keeps a run from being graded by its own teacher."""
+    win_rate_judge: JudgeConfig | None = None
+    """The judge of the win rate against pi_0; unset means the eval judge. One that does not see
+    what the eval judge scores (the instruction-following showcase's constraints) tells whether
+    the gain cost the answers their quality."""
     samples_per_prompt: Int = Field(2, gt=0)
     win_rate_vs_pi0: Bool = True
     """Judge held-out samples against pi_0's (both orders, ties count half) every evaluated round."""

@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from judges.loading import build_judge, build_judge_stack
+from judges.protocol import innermost, judge_hook
 from online_dpo.analysis.round_report import finish_run, round_line, round_metrics
 from online_dpo.analysis.round_uncertainty import alarm_message
 from online_dpo.analysis.trackers import build_tracking
@@ -88,12 +89,12 @@ class Run:
     def execute(self) -> list[dict]:
         recipe, procs = self.recipe, self.procs
         # Cheap checks first: a bad judge or dataset fails before any model loads.
-        judges = self.build_judges() if self.main else (None, None, None)
+        prompts = run_prompts(recipe)
+        train_rows, eval_rows = prompts.train, prompts.eval
+        judges = self.build_judges(train_rows, eval_rows) if self.main else (None, None, None)
         objective = build_objective(recipe.loss)
         if recipe.mode == "offline" and recipe.data.pairs is not None:
             objective.check_dataset(recipe.data.pairs)
-        prompts = run_prompts(recipe)
-        train_rows, eval_rows = prompts.train, prompts.eval
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             check_resolved_recipe(recipe, self.dir)
@@ -132,8 +133,10 @@ class Run:
                 try:
                     self.steps.sampler.close()
                 finally:
-                    for judge in {id(j): j for j in judges[:2] if j is not None}.values():
-                        judge.close()  # an HTTP judge's pooled connections, a local judge's engine
+                    bases = {id(b): b for b in (innermost(j) for j in judges if j is not None)}
+                    for base in bases.values():  # each judge once: the stacks may share one
+                        if callable(getattr(base, "close", None)):
+                            base.close()  # an HTTP judge's pooled connections, a local judge's engine
         procs.barrier()
         return finish_run(self.dir, recipe.rounds) if self.main else []
 
@@ -151,15 +154,26 @@ class Run:
     def finished(self) -> bool:
         return all(self.run_dir.done(k, "metrics") for k in range(1, self.recipe.rounds + 1))
 
-    def build_judges(self):
-        """(training judge, eval judge, eval scorer); the eval judge defaults to the training one."""
-        recipe = self.recipe
+    def build_judges(self, train_rows: list[dict], eval_rows: list[dict]):
+        """(training judge, win-rate judge, eval scorer). Unset, the eval judge is the training
+        judge, and the win-rate judge the eval judge. A judge with `check_rows` sees the prompts it
+        will judge now, before any model loads (a missing column, an argument it lacks)."""
+        recipe, cache = self.recipe, self.dir
         train_base = build_judge(recipe.judge.target, recipe.judge.kwargs)
-        train_judge, _ = build_judge_stack(recipe.judge, self.dir / "judge_cache.jsonl", base=train_base)
+        train_judge, _ = build_judge_stack(recipe.judge, cache / "judge_cache.jsonl", base=train_base)
         # Unset eval.judge: the training judge's own instance (a reward model is loaded once), behind
         # its own cache and layers.
-        eval_judge, eval_scorer = build_judge_stack(recipe.eval.judge or recipe.judge, self.dir / "eval_judge_cache.jsonl",
-                                                    base=None if recipe.eval.judge else train_base)
+        eval_cfg = recipe.eval.judge or recipe.judge
+        eval_base = build_judge(eval_cfg.target, eval_cfg.kwargs) if recipe.eval.judge else train_base
+        eval_judge, eval_scorer = build_judge_stack(eval_cfg, cache / "eval_judge_cache.jsonl", base=eval_base)
+        if recipe.eval.win_rate_judge is not None:  # the eval stack's scorer stays, over the same base
+            eval_judge, _ = build_judge_stack(recipe.eval.win_rate_judge, cache / "win_rate_judge_cache.jsonl")
+        for judge, rows in ((train_base, train_rows), (eval_base, eval_rows), (eval_judge, eval_rows)):
+            if (check := judge_hook(judge, "check_rows")) is not None:
+                try:
+                    check(rows)
+                except (KeyError, ValueError) as bad:
+                    raise RecipeError(f"judge {type(check.__self__).__name__}: {bad}") from None
         return train_judge, eval_judge, eval_scorer
 
     def build(self, judges, objective, train_rows, eval_rows) -> RoundSteps:

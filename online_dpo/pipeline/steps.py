@@ -284,7 +284,8 @@ class RoundSteps:
         result = {"eval_judge_score": summary["judge_score"], "eval_judge_score_ci": summary["judge_score_ci"],
                   "eval_mean_length": summary["mean_length"],
                   "eval_eos_rate": summary["eos_rate"], "kl_to_reference": kl_ref, "kl_to_pi0": kl_pi0,
-                  "eval_generation_seconds": stats["generation_seconds"]}
+                  "eval_generation_seconds": stats["generation_seconds"],
+                  **{f"eval_{key}": value for key, value in summary["judge_metrics"].items()}}
         if self.recipe.eval.win_rate_vs_pi0:
             wins = win_rate(self.eval_judge, records, read_jsonl(self.run_dir.round(0) / "pi0_eval_samples.jsonl"))
             for rec, counts in zip(records, wins["per_prompt"], strict=True):
