@@ -39,7 +39,9 @@ def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
     train, pairs = summaries["train"], summaries["pairs"]
     metrics = {"round": k, "reference_source_round": summaries["reference"]["source_round"],
                "pairs_kept": pairs["pairs"], "fresh_pairs": pairs.get("fresh_pairs"),
-               "replayed_pairs": pairs.get("replayed_pairs", 0)}
+               "replayed_pairs": pairs.get("replayed_pairs", 0),
+               # Policy updates between the sampling policy and the trained one (generation.max_staleness).
+               "staleness": pairs.get("staleness")}
     if "sample" in summaries:  # online round: fresh samples and their judgments
         samples = [s for rec in read_jsonl(round_dir / "samples.jsonl") for s in rec["samples"]]
         judge = summaries["judge"]

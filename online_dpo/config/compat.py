@@ -53,6 +53,9 @@ def _check_sections(recipe) -> None:
             f"train.lora: needs reference.schedule: fixed (the reference is the base model with the "
             f"adapter disabled), got {recipe.reference.schedule!r}"
         )
+    if recipe.generation.max_staleness and recipe.mode == "offline":
+        raise RecipeError("generation.max_staleness: offline mode samples nothing per round (its pairs are "
+                          "fixed, or pi_0's); it applies to mode online and fully_online")
     if recipe.loss.target_kl is not None and recipe.eval.every != 1:
         raise RecipeError(f"eval.every: adaptive beta (loss.target_kl) reads the held-out KL every round; "
                           f"needs eval.every: 1, got {recipe.eval.every}")

@@ -57,6 +57,11 @@ class GenerationConfig(Section):
     weights are released; the weights are synced anyway) and wake it before sampling."""
     engines: Literal["process0", "every_process"] = "process0"
     """process0: one engine, on process 0; every_process: one per process (online_dpo/sampling/samplers.py)."""
+    max_staleness: Int = Field(0, ge=0)
+    """Asynchronous online DPO: round k samples from the policy of round max(0, k - 1 - s), so the
+    sampler draws round k + 1 + s while round k trains (online_dpo/pipeline/draw_ahead.py). 0: each
+    round samples the policy it trains. The schedule is fixed, so results do not depend on timing.
+    The draws overlap training with generation.backend: vllm_server; elsewhere they run in turn."""
     samples_per_prompt: Int = Field(4, ge=2)
     """Completions sampled per prompt (at least 2 to form a pair)."""
     temperature: Float = Field(1.0, gt=0)

@@ -38,6 +38,10 @@ class JudgedSamples:
     def select(self, k: int) -> dict[str, list]:
         return self.judged(k)
 
+    def staleness(self, k: int, policy_round: int) -> int | None:
+        """Policy updates between the policy that sampled round k and `policy_round`'s."""
+        return policy_round - read_json(self.run_dir.round(k) / "sample.json")["policy_round"]
+
 
 class Pi0Pool(JudgedSamples):
     round_steps = ("pairs",)
@@ -56,6 +60,9 @@ class Pi0Pool(JudgedSamples):
                                "prompt tied or failed); offline mode has nothing to train on")
         return take_prompts(datasets.load_from_disk(str(pool)).to_dict(), (k - 1) * self.per, self.per)
 
+    def staleness(self, k: int, policy_round: int) -> int | None:
+        return None  # pi_0's pool, offline by design
+
 
 class FixedDataset:
     round_steps = ("pairs",)
@@ -69,6 +76,9 @@ class FixedDataset:
         if self._pool is None:  # tokenized once per process
             self._pool = self.objective.from_dataset(self.path, self.models)
         return take_prompts(self._pool, (k - 1) * self.per, self.per)
+
+    def staleness(self, k: int, policy_round: int) -> int | None:
+        return None
 
 
 PairSource = JudgedSamples | Pi0Pool | FixedDataset

@@ -47,6 +47,7 @@ from online_dpo.data.prompts import run_prompts
 from online_dpo.faults import maybe_kill
 from online_dpo.pipeline.beta_schedules import build_beta
 from online_dpo.pipeline.checkpoints import build_checkpoints
+from online_dpo.pipeline.draw_ahead import StaleSchedule, build_draws
 from online_dpo.pipeline.objectives import build_objective
 from online_dpo.pipeline.pair_sources import build_pair_source
 from online_dpo.pipeline.reference_schedules import build_reference
@@ -74,6 +75,9 @@ STEPS = {step.name: step for step in (
     Step("train", "train", True), Step("sync", "sync", True), Step("eval", "evaluate", False),
     Step("reference", "update_reference", True))}
 TRAINING = ("train", "sync", "eval", "reference")
+# After this step of round v the sampler holds round v's policy and has sampled the held-out
+# prompts with it: it draws the rounds that policy samples ahead (generation.max_staleness).
+DRAW_AHEAD_AFTER = "eval"
 
 
 class Run:
@@ -83,6 +87,7 @@ class Run:
         self.dir = self.run_dir.path
         self.procs = Processes()
         self.main = self.procs.main
+        self.drawn: set[int] = set()  # the policy rounds whose draws ahead have started
 
     # ------------------------------------------------------------------ the run
 
@@ -123,6 +128,9 @@ class Run:
             self.resume()
             for name in source.setup_steps:  # offline from pi_0: collect every round's pairs once
                 self.run_step(0, STEPS[name])
+            held = self.steps.policy_round  # the sampler's weights, synced by resume()
+            if not held or procs.agree(self.run_dir.done(held, DRAW_AHEAD_AFTER)):
+                self.draw_ahead(held)
             for k in range(1, recipe.rounds + 1):
                 if not procs.agree(self.run_dir.done(k, "metrics")):
                     self.run_round(k, [STEPS[name] for name in (*source.round_steps, *TRAINING)])
@@ -204,7 +212,9 @@ class Run:
                 objective=objective, source=build_pair_source(recipe, objective, self.run_dir, models),
                 reference=build_reference(recipe, models, self.run_dir, checkpoints), checkpoints=checkpoints,
                 beta=build_beta(recipe.loss, self.run_dir), pi0_cache=pi0_cache,
-                train_rows=train_rows, eval_rows=eval_rows, policy_round=policy_round)
+                train_rows=train_rows, eval_rows=eval_rows, policy_round=policy_round,
+                schedule=StaleSchedule(recipe.generation.max_staleness, recipe.rounds),
+                draws=build_draws(recipe, self.procs))
         except BaseException:  # the engine (or a launched vLLM server) must not outlive a failed build
             sampler.close()
             raise
@@ -219,8 +229,11 @@ class Run:
     # ------------------------------------------------------------------ one round
 
     def run_round(self, k: int, pipeline: list[Step]) -> None:
+        self.steps.draws.wait(k)  # this round's samples and judgments, if they are being drawn ahead
         for step in pipeline:
             self.run_step(k, step)
+            if step.name == DRAW_AHEAD_AFTER:
+                self.draw_ahead(self.steps.policy_round)
         if not self.main:
             return
         metrics = round_metrics(self.run_dir.round(k), k, self.dir)
@@ -230,6 +243,20 @@ class Run:
         print(round_line(k, metrics), flush=True)  # held-out score and win rate with 95% intervals
         if metrics.get("gaming_alarm"):
             print(f"[online-dpo] {alarm_message(metrics['gaming_alarm'])}", flush=True)
+
+    def draw_ahead(self, policy_round: int) -> None:
+        """The rounds the sampler's policy samples ahead of their turn: their sample and judge steps,
+        now or in the background (online_dpo/pipeline/draw_ahead.py). Each policy draws once."""
+        if policy_round in self.drawn:
+            return
+        self.drawn.add(policy_round)
+        rounds = [j for j in self.steps.schedule.drawn_by(policy_round)
+                  if not self.procs.agree(self.run_dir.done(j, "judge"))]
+        self.steps.draws.start(rounds, self.draw)
+
+    def draw(self, k: int) -> None:
+        for name in ("sample", "judge"):
+            self.run_step(k, STEPS[name])
 
     def run_step(self, k: int, step: Step) -> None:
         if self.procs.agree(self.run_dir.done(k, step.name)):

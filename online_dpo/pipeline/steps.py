@@ -12,6 +12,7 @@ the engines wherever they are.
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 import datasets
@@ -23,7 +24,12 @@ from online_dpo.faults import maybe_kill
 from online_dpo.pipeline.pair_selection import FAILED, KEPT, TIE, judge_prompts
 from online_dpo.pipeline.pair_sources import add_replay
 from online_dpo.sampling.generator import SamplingSettings
-from online_dpo.sampling.samplers import check_weight_versions, policy_version, run_label
+from online_dpo.sampling.samplers import (
+    StaleSampleError,
+    check_weight_versions,
+    policy_version,
+    run_label,
+)
 from online_dpo.sampling.weight_sync import probe_tolerance, sampler_dtype
 from online_dpo.storage.artifacts import (
     RunDir,
@@ -47,7 +53,8 @@ class ReferenceMismatchError(RuntimeError):
 
 class RoundSteps:
     def __init__(self, recipe, run_dir: RunDir, procs, *, models, trainer, sampler, judges, objective,
-                 source, reference, checkpoints, beta, pi0_cache, train_rows, eval_rows, policy_round):
+                 source, reference, checkpoints, beta, pi0_cache, train_rows, eval_rows, policy_round,
+                 schedule, draws):
         self.recipe, self.run_dir, self.procs = recipe, run_dir, procs
         # The eval step is process 0's; every other process scores its share of the held-out KL.
         procs.handlers["kl"] = self._kl
@@ -60,18 +67,20 @@ class RoundSteps:
         self.checkpoints, self.beta, self.pi0_cache = checkpoints, beta, pi0_cache
         self.train_rows, self.eval_rows = train_rows, eval_rows
         self.policy_round = policy_round  # the round whose policy the trainer holds (0: pi_0)
+        # generation.max_staleness: which policy samples each round, and the draws ahead of it.
+        self.schedule, self.draws = schedule, draws
         self.engine_round: int | None = None  # the round whose policy the sampler holds, verified
         self.reference_cache_hits = 0
 
     # ------------------------------------------------------------------ sampling
 
-    def ensure_engine_current(self) -> None:
-        """The sampler must hold the trainer's current policy, verified, before it samples."""
-        if self.engine_round == self.policy_round:
+    def ensure_engine_holds(self, policy_round: int) -> None:
+        """The sampler must hold the policy of `policy_round`, verified, before it samples."""
+        if self.engine_round == policy_round:
             return
-        if self.policy_round:  # a trained policy reaches the engine only through a sync step
-            raise RuntimeError(f"internal: the sampler holds round {self.engine_round}, the policy is "
-                               f"round {self.policy_round}, and no sync step ran")
+        if policy_round or self.engine_round is not None:  # a trained policy arrives only by a sync
+            raise RuntimeError(f"internal: the sampler holds round {self.engine_round}, sampling needs "
+                               f"round {policy_round}, and no sync step put it there")
         # Untrained: the engine holds pi_0, whose probe log-probs were kept when the policy loaded.
         self.sampler.verify(self.models.pi0_probe, self.version(0))
         self.engine_round = 0
@@ -94,23 +103,29 @@ class RoundSteps:
         start, count = ((k - 1) * per, per) if k else (0, per * self.recipe.rounds)
         return [(order[(start + i) % n], self.train_rows[order[(start + i) % n]]) for i in range(count)]
 
-    def _sample(self, rows: list[dict], settings: SamplingSettings) -> tuple[list[dict], dict]:
-        self.ensure_engine_current()
+    def _sample(self, rows: list[dict], settings: SamplingSettings, policy_round: int | None = None,
+                where: str = "held-out sampling") -> tuple[list[dict], dict]:
+        policy_round = self.policy_round if policy_round is None else policy_round
+        self.ensure_engine_holds(policy_round)
         records, stats = self.sampler.sample(rows, settings)
-        check_weight_versions(records, self.version(self.policy_round), f"sampling for round {self.policy_round + 1}")
-        return records, {**stats, "policy_round": self.policy_round,
-                         "weight_version": self.version(self.policy_round)}
+        check_weight_versions(records, self.version(policy_round), where)
+        return records, {**stats, "policy_round": policy_round, "weight_version": self.version(policy_round)}
 
     def sample(self, k: int) -> dict:
+        """Round k's prompts, sampled by the policy of round k - 1 (k - 1 - max_staleness when
+        drawn ahead; the schedule says which)."""
         g = self.recipe.generation
         rows = self.prompts_for_round(k)
         settings = SamplingSettings(g.samples_per_prompt, g.temperature, g.top_p, g.max_tokens,
                                     seed=self.recipe.seed * 100_003 + k)
-        records, stats = self._sample([r for _, r in rows], settings)
+        # A round without pairs leaves the policy as it was: the sampler holds the latest one.
+        sampler_round = min(self.schedule.sampler_round(k), self.policy_round)
+        records, stats = self._sample([r for _, r in rows], settings, sampler_round, f"sampling for round {k}")
         for (index, _), rec in zip(rows, records, strict=True):
             rec["prompt_index"] = index
         write_jsonl(self.run_dir.round(k) / "samples.jsonl", records)
-        return {**stats, "prompts": len(rows)}
+        # Rounds of training between the sampling policy and the one that trains on the samples.
+        return {**stats, "prompts": len(rows), "staleness": max(0, k - 1 - sampler_round)}
 
     # ------------------------------------------------------------------ judging and pairs
 
@@ -125,7 +140,9 @@ class RoundSteps:
             self.judge_stack.prefetch_scores([(row, text) for row, texts in prompts for text in texts])
         results = judge_prompts(self.judge_stack, prompts, pairs_cfg.strategy, rng, pairs_cfg.max_length_ratio,
                                 concurrency=self.judge_concurrency)
-        progress = tqdm(total=len(records), desc=f"round {k} judge", leave=False)
+        # A round judged ahead (generation.max_staleness) runs beside the trainer's bar: no bar of its own.
+        progress = tqdm(total=len(records), desc=f"round {k} judge", leave=False,
+                        disable=threading.current_thread() is not threading.main_thread())
         for i in range(len(prompts)):
             if i:
                 maybe_kill(f"round_{k}/judge_prompt_{i}")  # i prompts judged (and cached), more in flight
@@ -157,13 +174,22 @@ class RoundSteps:
                 "judge_prefers_longer": sum(longer) / len(longer) if longer else None, **stats}
 
     def pairs(self, k: int) -> dict:
+        # Policy updates between the policy that sampled round k and the one about to train on it.
+        staleness = self.source.staleness(k, self.policy_round)
+        bound = self.recipe.generation.max_staleness
+        if staleness is not None and staleness > bound:
+            raise StaleSampleError(
+                f"round {k}: its samples were drawn by the policy of round {self.policy_round - staleness}, "
+                f"{staleness} updates before the policy that would train on them (round {self.policy_round}); "
+                f"generation.max_staleness is {bound}. Refusing them before training.")
         columns = self.source.select(k)
         fresh = len(columns["prompt"])
         replayed = add_replay(self.run_dir, k, columns, self.recipe.pairs.replay_ratio, self.recipe.seed) if k else 0
         if columns["prompt"]:  # datasets cannot reload a 0-row folder; pairs.json says 0 instead
             ds = datasets.Dataset.from_dict(columns)
             write_dir_atomic(self.run_dir.round(k) / "pairs", lambda tmp: ds.save_to_disk(str(tmp)))
-        return {**self.objective.describe(columns), "fresh_pairs": fresh, "replayed_pairs": replayed}
+        return {**self.objective.describe(columns), "fresh_pairs": fresh, "replayed_pairs": replayed,
+                "staleness": staleness}
 
     # ------------------------------------------------------------------ training
 
@@ -229,6 +255,7 @@ class RoundSteps:
 
     def train(self, k: int) -> dict:
         if read_json(self.run_dir.round(k) / "pairs.json")["pairs"] == 0:
+            self.draws.settle()  # no new policy: its eval samples next, and alone
             return {"skipped": "no pairs this round", "train_pairs": 0, "optimizer_steps": 0}
         self.sampler.release()  # generation.sleep: the engine's memory is the trainer's until the sync
         ds = datasets.load_from_disk(str(self.run_dir.round(k) / "pairs"))
@@ -241,6 +268,9 @@ class RoundSteps:
                                            tag=f"round_{k}", beta=beta,
                                            on_step=self.reference.step_hook(k, self.trainer.policy), round_k=k)
         self.reference.after_training(k)
+        # The draws of the policy before this one end first: a resume from this checkpoint syncs
+        # this policy, and could no longer draw theirs (online_dpo/pipeline/draw_ahead.py).
+        self.draws.settle()
         self.checkpoints.save_policy(k, self.trainer.policy, self.trainer.optimizer_state())
         self.policy_round = k
         return {**metrics, "beta": beta, "reference_seconds": ref_seconds, "reference_logps_from": source,
