@@ -57,3 +57,16 @@ def test_shortened_comparison(tiny_model_dir, tmp_path):
     totals = [budgets(run) for run in runs.values()]
     for key in ("prompts", "train_pairs", "sampled_tokens"):
         assert len({t[key] for t in totals}) == 1, (key, totals)
+
+
+def test_the_staleness_arms_are_the_iterative_arm_but_for_the_sampling_policy():
+    """stale1.yaml and stale2.yaml differ from iterative.yaml in their name and max_staleness alone,
+    so the quality study compares staleness and nothing else (staleness.sh)."""
+    folder = REPO / "recipes" / "offline_vs_online"
+    base = recipe_to_dict(load_recipe(folder / "iterative.yaml"))
+    assert "stale1" in (folder / "staleness.sh").read_text() and "compare" in (folder / "staleness.sh").read_text()
+    for s in (1, 2):
+        stale = recipe_to_dict(load_recipe(folder / f"stale{s}.yaml"))
+        assert stale["generation"]["max_staleness"] == s and stale["name"] == f"ovo_stale{s}"
+        stale["generation"]["max_staleness"], stale["name"] = 0, base["name"]
+        assert stale == base

@@ -4,6 +4,11 @@ the safetensors_file transfer engine, verified by the probe over HTTP, versions 
 a server killed mid-round, and a resume after its restart."""
 
 import json
+import os
+import random
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -199,3 +204,51 @@ def test_a_launch_that_fails_names_the_server_log(smollm2_dir, tmp_path):
     cfg = ServerLaunchConfig(args=["--no-such-flag"], startup_timeout_s=120)
     with pytest.raises(ServerError, match="exited with code .* while starting; its log"):
         LaunchedServer(smollm2_dir, cfg, dtype=torch.float32, kv_cache_gib=1, log_path=tmp_path / "bad.log")
+
+
+STALE_COMPARED = ("loss", "accuracy", "judge_score", "eval_judge_score", "kl_to_pi0", "staleness", "pairs_kept",
+                  "reference_logps_from")
+
+
+def test_staleness_1_on_the_server_draws_ahead_beside_training_and_resumes_after_a_random_kill(server, tmp_path):
+    """3 rounds at generation.max_staleness: 1. Rounds 1 and 2 are pi_0's samples, round 3 the
+    policy of round 1's, drawn while round 2 trains. Killed at a random moment and resumed, the run
+    gives the metrics of an uninterrupted one."""
+    runs = tmp_path / "runs"
+    recipe = tmp_path / "stale.yaml"
+    generation = {**on_server(server.url, timeout_s=60), "max_staleness": 1}
+    recipe.write_text(yaml.safe_dump(recipe_dict(runs, "stale", generation, rounds=3)))
+    t0 = time.monotonic()
+    straight = run_cli(recipe, "name=straight")
+    duration = time.monotonic() - t0
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    label = run_label("straight", runs / "straight")
+    for k, version in ((1, 0), (2, 0), (3, 1)):
+        samples = [json.loads(x) for x in (runs / "straight" / f"round_{k}" / "samples.jsonl").read_text().splitlines()]
+        assert {s["weight_version"] for r in samples for s in r["samples"]} == {policy_version(label, version)}, k
+    drawn = json.loads((runs / "straight" / "round_3" / "sample.json").read_text())
+    after = json.loads((runs / "straight" / "round_1" / "reference.json").read_text())
+    # Round 3 was drawn after round 1's eval, in the background: the run's next step (round 1's
+    # reference update) began before that sampling ended. Drawn in turn, it would begin after.
+    assert drawn["started_at"] < after["started_at"] < drawn["started_at"] + drawn["seconds"]
+    assert drawn["staleness"] == 1 and drawn["policy_round"] == 1
+
+    delay = random.uniform(0.3, 0.85) * duration
+    env = {k: v for k, v in os.environ.items() if k != "ONLINE_DPO_KILL_AT"}
+    proc = subprocess.Popen([sys.executable, "-m", "online_dpo.cli", "run", str(recipe), "name=killed"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill at {delay:.1f} s"
+    resumed = run_cli(recipe, "name=killed")
+    assert resumed.returncode == 0, (delay, resumed.stderr[-3000:])
+    a, b = (
+        [json.loads(x) for x in (runs / name / "metrics.jsonl").read_text().splitlines()] for name in ("straight", "killed"))
+    assert [r["round"] for r in b] == [1, 2, 3] and [r["staleness"] for r in b] == [0, 1, 1]
+    for ra, rb in zip(a, b, strict=True):
+        for key in STALE_COMPARED:
+            same = rb[key] == ra[key] if isinstance(ra[key], str) else rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9)
+            assert same, (f"killed at {delay:.1f} s", ra["round"], key, ra[key], rb[key])

@@ -34,6 +34,9 @@ CI_KEYS = {"judge_score": "judge_score_ci", "eval_judge_score": "eval_judge_scor
            "win_rate_vs_pi0": "win_rate_vs_pi0_ci"}
 
 
+TIMING = ("seconds", "started_at")  # each step's own, in <step>.json; phase_seconds gathers the first
+
+
 def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
     summaries = {p: read_json(round_dir / f"{p}.json") for p in PHASES if (round_dir / f"{p}.json").exists()}
     train, pairs = summaries["train"], summaries["pairs"]
@@ -56,7 +59,7 @@ def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
             "tokens_per_second": summaries["sample"]["tokens_per_second"],
         })
         # Judge-layer statistics (flip rate, vote agreement, retries, cache hits, length preference).
-        metrics.update({key: v for key, v in judge.items() if key not in metrics and key != "seconds"})
+        metrics.update({key: v for key, v in judge.items() if key not in metrics and key not in TIMING})
     else:  # offline: no fresh prompts; a one-time collection from pi_0 is charged to round 1
         metrics.update(prompts=0, sampled_tokens=0)
         collect = run_dir / "round_0" / "sample.json" if run_dir is not None else None
@@ -71,7 +74,7 @@ def round_metrics(round_dir: Path, k: int, run_dir: Path | None = None) -> dict:
     metrics["learning_rate"] = rates[-1] if rates else None  # the round's last step's (train.lr_scheduler)
     for key in ("sync_seconds", "probe_max_abs_diff"):
         metrics[key] = summaries["sync"].get(key)
-    metrics.update({k2: v for k2, v in summaries["eval"].items() if k2 not in ("seconds", "skipped")})
+    metrics.update({k2: v for k2, v in summaries["eval"].items() if k2 not in (*TIMING, "skipped")})
     # judge_score_ci, eval_score_vs_pi0(_ci), gaming_alarm: from the per-prompt values on disk.
     metrics.update(round_intervals(run_dir if run_dir is not None else round_dir.parent, k, metrics))
     metrics["phase_seconds"] = {p: s["seconds"] for p, s in summaries.items()}

@@ -269,9 +269,10 @@ class Run:
         maybe_kill(f"round_{k}/{step.name}")
 
     def timed_step(self, k: int, step: Step) -> None:
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         summary = getattr(self.steps, step.method)(k)
-        summary["seconds"] = time.perf_counter() - t0
+        # started_at (epoch seconds): when the step ran beside another (a draw ahead) shows on disk.
+        summary.update(seconds=time.perf_counter() - t0, started_at=started)
         if self.main:
             write_json(self.run_dir.round(k) / f"{step.name}.json", summary)
 
