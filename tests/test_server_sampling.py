@@ -227,10 +227,13 @@ def test_staleness_1_on_the_server_draws_ahead_beside_training_and_resumes_after
         samples = [json.loads(x) for x in (runs / "straight" / f"round_{k}" / "samples.jsonl").read_text().splitlines()]
         assert {s["weight_version"] for r in samples for s in r["samples"]} == {policy_version(label, version)}, k
     drawn = json.loads((runs / "straight" / "round_3" / "sample.json").read_text())
-    after = json.loads((runs / "straight" / "round_1" / "reference.json").read_text())
-    # Round 3 was drawn after round 1's eval, in the background: the run's next step (round 1's
-    # reference update) began before that sampling ended. Drawn in turn, it would begin after.
-    assert drawn["started_at"] < after["started_at"] < drawn["started_at"] + drawn["seconds"]
+    eval1, pairs2 = (json.loads((runs / "straight" / f"round_{k}" / f"{name}.json").read_text())
+                     for k, name in ((1, "eval"), (2, "pairs")))
+    # Round 3 was drawn after round 1's eval, in the background: the run went on meanwhile (round
+    # 1's reference update, round 2's pairs) before that sampling ended. Drawn in turn, round 2's
+    # pairs would begin after it.
+    assert eval1["started_at"] + eval1["seconds"] <= drawn["started_at"] < pairs2["started_at"] \
+        < drawn["started_at"] + drawn["seconds"]
     assert drawn["staleness"] == 1 and drawn["policy_round"] == 1
 
     delay = random.uniform(0.3, 0.85) * duration
