@@ -63,15 +63,27 @@ SERVER_MAX_MODEL_LEN = 1536  # not the default, so a launch that dropped the rec
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_dir, tmp_path_factory):
-    """A `vllm serve` launched from a recipe (generation.server.launch), as a run launches it."""
+def launched(smollm2_dir, tmp_path_factory):
+    """A `vllm serve` launched from a recipe (generation.server.launch), as a run launches it. A
+    list, so that a test that stopped it (the kill-and-restart test) leaves a fresh one behind."""
     run_dir = tmp_path_factory.mktemp("server")
     generation = {"backend": "vllm_server", "max_model_len": SERVER_MAX_MODEL_LEN, "server": {"launch": {}}}
     recipe = recipe_from_dict(recipe_dict(run_dir, "launcher", generation))
     generator = build_server_generator(recipe, smollm2_dir, torch.float32, run_dir)
     generator.client.close()  # the tests talk to it through their own runs' clients
-    yield generator.launched
-    generator.launched.stop()
+    holder = [generator.launched]
+    yield holder
+    holder[0].stop()
+
+
+@pytest.fixture
+def server(launched, smollm2_dir, tmp_path_factory):
+    if launched[0].exit_code() is not None:  # stopped by an earlier test: the same server, again
+        port = int(launched[0].url.rsplit(":", 1)[1])
+        launched[0] = LaunchedServer(smollm2_dir, ServerLaunchConfig(port=port), dtype=torch.float32, kv_cache_gib=1,
+                                     max_model_len=SERVER_MAX_MODEL_LEN,
+                                     log_path=tmp_path_factory.mktemp("relaunched") / "server.log")
+    return launched[0]
 
 
 def test_the_launched_server_holds_the_recipes_max_model_len(server):
