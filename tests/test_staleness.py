@@ -4,6 +4,7 @@ a kill and resume, and the refusal of samples older than the bound. The overlap 
 `vllm serve` is tested in tests/test_server_sampling.py; the draw orchestration's threading here."""
 
 import json
+import random
 import signal
 import threading
 import time
@@ -118,6 +119,60 @@ def test_samples_older_than_the_bound_are_refused_before_training(tiny_model_dir
     assert (tmp_path / "runs" / "old" / "round_2" / "train.json").exists()  # finished work is kept
 
 
+def flat_or_length(row, completion: str) -> float:
+    """A test judge: every answer to a row marked `flat` scores the same (no pair), others by length."""
+    return 0.0 if row["flat"] else float(len(completion.split()))
+
+
+def flat_round_recipe(tiny_model_dir, tmp_path, flat_round: int, rounds: int) -> dict:
+    """Staleness 1 over `rounds` rounds, where round `flat_round` keeps no pair: its prompts (the
+    run's seeded order, 4 a round over the 10 training rows) are marked flat."""
+    topics = ["the moon", "coffee", "volcanoes", "chess", "bread", "rivers", "trains", "snow",
+              "bees", "maps", "tea", "clouds"]
+    order = list(range(10))
+    random.Random(0).shuffle(order)
+    flat = {order[(4 * (flat_round - 1) + i) % 10] for i in range(4)}
+    prompts = tmp_path / "flat.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "flat": i in flat}) + "\n"
+                               for i, t in enumerate(topics)))
+    return tiny_recipe_dict(tiny_model_dir, prompts, tmp_path / "runs", rounds=rounds,
+                            **{"generation.max_staleness": 1,
+                               "judge": {"target": "judges.functions:PointwiseFunction",
+                                         "kwargs": {"function": "tests.test_staleness:flat_or_length"}}})
+
+
+def test_a_round_without_pairs_leaves_the_policy_that_samples_ahead(tiny_model_dir, tmp_path):
+    """Round 2 trains nothing, so the policy of round 2 is round 1's: it samples round 4 (as round
+    3). Killed after round 4 was drawn, before round 3 trains, the run resumes and draws nothing
+    again. More rounds are refused: their sampling policies are gone from the sampler."""
+    recipe = tmp_path / "flat.yaml"
+    data = flat_round_recipe(tiny_model_dir, tmp_path, flat_round=2, rounds=4)
+    recipe.write_text(yaml.safe_dump(data))
+    straight = run_cli(recipe, "name=straight")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run_cli(recipe, "name=killed", kill_at="round_4/sample")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "runs" / "killed" / "round_3" / "train.json").exists()
+    resumed = run_cli(recipe, "name=killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("straight", "killed"):
+        run_dir = tmp_path / "runs" / name
+        rows = metrics(run_dir)
+        assert [r["train_pairs"] for r in rows][1] == 0 and all(r["train_pairs"] for r in rows[::2])
+        label = run_label(name, run_dir)
+        versions = [{s["weight_version"] for line in (run_dir / f"round_{k}" / "samples.jsonl").read_text().splitlines()
+                     for s in json.loads(line)["samples"]} for k in (1, 2, 3, 4)]
+        assert versions == [{policy_version(label, v)} for v in (0, 0, 1, 1)], name
+        # Updates between the sampling policy and the trained one: round 2 was not an update.
+        assert [r["staleness"] for r in rows] == [0, 1, 0, 1], name
+    a, b = metrics(tmp_path / "runs" / "straight"), metrics(tmp_path / "runs" / "killed")
+    for ra, rb in zip(a, b, strict=True):
+        for key in COMPARED:
+            assert ra[key] == rb[key], (ra["round"], key)
+    with pytest.raises(RecipeError, match="more rounds under generation.max_staleness 1"):
+        Run(recipe_from_dict({**data, "name": "straight", "rounds": 5})).execute()
+
+
 def test_offline_mode_refuses_a_staleness(tiny_model_dir, prompts_file, tmp_path):
     with pytest.raises(RecipeError, match="generation.max_staleness: offline mode samples nothing per round"):
         recipe_from_dict(stale_recipe(tiny_model_dir, prompts_file, tmp_path, 1, mode="offline"))
@@ -157,6 +212,25 @@ def test_a_failed_background_draw_is_raised_at_its_rounds_turn_and_never_hangs()
         draws.wait(4)  # round 4 never comes: the failure of round 3 ends the wait
     assert time.monotonic() - t0 < 5
     draws.settle()  # raised once, and the run may stop cleanly
+
+
+def test_a_closed_background_starts_no_further_round():
+    """The run stopped (a failure in its own thread, or the end): the round in flight may end, and
+    no draw writes into the run after it."""
+    started, release, done = threading.Event(), threading.Event(), []
+
+    def draw(k):
+        started.set()
+        release.wait(10)
+        done.append(k)
+
+    draws = Background()
+    draws.start([3, 4], draw)
+    assert started.wait(5)
+    threading.Timer(0.2, release.set).start()
+    draws.close()
+    time.sleep(0.2)
+    assert done == [3]
 
 
 def test_inline_draws_run_at_once():

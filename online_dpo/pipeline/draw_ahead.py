@@ -54,11 +54,16 @@ class Inline:
     def settle(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class Background:
     """One thread draws the rounds in order. A failure is kept and raised in the run's thread when
     it next waits (its round's turn, or the next checkpoint), so it stops the run with its own
-    message; the thread is a daemon, so a run that stops for any reason does not hang on it."""
+    message; the thread is a daemon, so a run that stops for any reason does not hang on it. When
+    the run stops (`close`), no further round's draw starts: a caller that goes on in the same
+    process finds no thread writing into the run."""
 
     overlaps = True
 
@@ -67,6 +72,7 @@ class Background:
         self._pending: list[int] = []
         self._error: BaseException | None = None
         self._done = threading.Condition()
+        self._closing = threading.Event()
 
     def start(self, rounds: list[int], draw: DrawSteps) -> None:
         self.settle()  # one policy's draws at a time: the sampler holds one set of weights
@@ -77,6 +83,11 @@ class Background:
         def work():
             try:
                 for k in rounds:
+                    if self._closing.is_set():
+                        with self._done:
+                            self._pending = []
+                            self._done.notify_all()
+                        return
                     draw(k)
                     with self._done:
                         self._pending.remove(k)
@@ -100,6 +111,15 @@ class Background:
             self._thread.join()
             self._thread = None
         self._raise()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """The run is stopping (finished, or failed in its own thread): the round being drawn may
+        end (its sampler and judge calls have their own timeouts; the sampler closes next), and no
+        other starts. A failure of the thread's own is not raised over the run's."""
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
 
     def _raise(self) -> None:
         if self._error is not None:

@@ -39,8 +39,11 @@ class JudgedSamples:
         return self.judged(k)
 
     def staleness(self, k: int, policy_round: int) -> int | None:
-        """Policy updates between the policy that sampled round k and `policy_round`'s."""
-        return policy_round - read_json(self.run_dir.round(k) / "sample.json")["policy_round"]
+        """Policy updates between the policy that sampled round k and `policy_round`'s: the rounds
+        between them that trained (one without pairs left the policy as it was)."""
+        sampled_by = read_json(self.run_dir.round(k) / "sample.json")["policy_round"]
+        return sum(1 for v in range(sampled_by + 1, policy_round + 1)
+                   if "skipped" not in read_json(self.run_dir.round(v) / "train.json"))
 
 
 class Pi0Pool(JudgedSamples):

@@ -30,6 +30,7 @@ checkpoints (a shared filesystem is assumed).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,9 @@ STEPS = {step.name: step for step in (
     Step("train", "train", True), Step("sync", "sync", True), Step("eval", "evaluate", False),
     Step("reference", "update_reference", True))}
 TRAINING = ("train", "sync", "eval", "reference")
-# After this step of round v the sampler holds round v's policy and has sampled the held-out
-# prompts with it: it draws the rounds that policy samples ahead (generation.max_staleness).
+# After this step of round v the sampler holds the policy as round v left it (round v's, or the
+# one before when round v trained nothing) and has sampled the held-out prompts with it: it draws
+# the rounds that "the policy of round v" samples ahead (generation.max_staleness).
 DRAW_AHEAD_AFTER = "eval"
 
 
@@ -87,7 +89,7 @@ class Run:
         self.dir = self.run_dir.path
         self.procs = Processes()
         self.main = self.procs.main
-        self.drawn: set[int] = set()  # the policy rounds whose draws ahead have started
+        self.drawn: set[int] = set()  # the rounds v whose policy's draws ahead have started
 
     # ------------------------------------------------------------------ the run
 
@@ -128,14 +130,20 @@ class Run:
             self.resume()
             for name in source.setup_steps:  # offline from pi_0: collect every round's pairs once
                 self.run_step(0, STEPS[name])
-            held = self.steps.policy_round  # the sampler's weights, synced by resume()
-            if not held or procs.agree(self.run_dir.done(held, DRAW_AHEAD_AFTER)):
-                self.draw_ahead(held)
+            # The sampler holds the last trained policy (synced by resume()). It is also the policy
+            # of every later round whose eval is done (those rounds trained nothing), and it draws
+            # what their draws left undrawn. A policy whose eval is not done draws after it.
+            held = self.steps.policy_round
+            evaluated = procs.agree(max((v for v in range(1, recipe.rounds + 1)
+                                         if self.run_dir.done(v, DRAW_AHEAD_AFTER)), default=0))
+            if held <= evaluated:
+                self.draw_ahead(range(held, evaluated + 1))
             for k in range(1, recipe.rounds + 1):
                 if not procs.agree(self.run_dir.done(k, "metrics")):
                     self.run_round(k, [STEPS[name] for name in (*source.round_steps, *TRAINING)])
         finally:  # each closes even if the one before fails: a launched vLLM server must stop
             try:
+                self.steps.draws.close()  # no draw ahead starts after a failure, or past the run
                 self.tracking.close()
             finally:
                 try:
@@ -233,7 +241,7 @@ class Run:
         for step in pipeline:
             self.run_step(k, step)
             if step.name == DRAW_AHEAD_AFTER:
-                self.draw_ahead(self.steps.policy_round)
+                self.draw_ahead([k])
         if not self.main:
             return
         metrics = round_metrics(self.run_dir.round(k), k, self.dir)
@@ -244,13 +252,13 @@ class Run:
         if metrics.get("gaming_alarm"):
             print(f"[online-dpo] {alarm_message(metrics['gaming_alarm'])}", flush=True)
 
-    def draw_ahead(self, policy_round: int) -> None:
-        """The rounds the sampler's policy samples ahead of their turn: their sample and judge steps,
-        now or in the background (online_dpo/pipeline/draw_ahead.py). Each policy draws once."""
-        if policy_round in self.drawn:
-            return
-        self.drawn.add(policy_round)
-        rounds = [j for j in self.steps.schedule.drawn_by(policy_round)
+    def draw_ahead(self, after: Iterable[int]) -> None:
+        """The rounds that the policy of each round v in `after` samples ahead of their turn (the
+        sampler holds it): their sample and judge steps, now or in the background
+        (online_dpo/pipeline/draw_ahead.py). Each round's policy draws once."""
+        after = [v for v in after if v not in self.drawn]
+        self.drawn.update(after)
+        rounds = [j for v in after for j in self.steps.schedule.drawn_by(v)
                   if not self.procs.agree(self.run_dir.done(j, "judge"))]
         self.steps.draws.start(rounds, self.draw)
 
@@ -294,6 +302,11 @@ def check_resolved_recipe(recipe: Recipe, run_dir: Path) -> None:
         # Not so offline from pi_0: round_0/ drew the pool for the first `rounds` only.
         allowed = ("report_to",) if recipe.mode == "offline" and recipe.data.pairs is None else ("rounds", "report_to")
         changed = [k for k in sorted(_diff_keys(previous, resolved)) if k not in allowed]
+        if "rounds" in _diff_keys(previous, resolved) and recipe.generation.max_staleness:
+            raise RecipeError(f"{run_dir}: more rounds under generation.max_staleness "
+                              f"{recipe.generation.max_staleness}: the new rounds are sampled by policies of "
+                              f"rounds already past, which the sampler no longer holds; use a new name= "
+                              f"to start a new run")
         if "rounds" in _diff_keys(previous, resolved) and schedule_spans_rounds(recipe.train):
             raise RecipeError(f"{run_dir}: more rounds would change the learning rate of the rounds already "
                               f"run (train.lr_scheduler {recipe.train.lr_scheduler}, warmup_ratio "

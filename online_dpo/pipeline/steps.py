@@ -179,7 +179,8 @@ class RoundSteps:
         bound = self.recipe.generation.max_staleness
         if staleness is not None and staleness > bound:
             raise StaleSampleError(
-                f"round {k}: its samples were drawn by the policy of round {self.policy_round - staleness}, "
+                f"round {k}: its samples were drawn by the policy of round "
+                f"{read_json(self.run_dir.round(k) / 'sample.json')['policy_round']}, "
                 f"{staleness} updates before the policy that would train on them (round {self.policy_round}); "
                 f"generation.max_staleness is {bound}. Refusing them before training.")
         columns = self.source.select(k)
