@@ -1,15 +1,18 @@
 """LLM-as-judge: strict verdict parsing, every HTTP fault against a real local server, API-key
 hygiene, and the real endpoint path against `vllm serve` of SmolLM2."""
 
+import random
 import time
 
 import pytest
 
 from judges.bias import BothOrders
 from judges.llm import LLMJudge, VerdictParseError, _retry_after, parse_verdict
+from judges.loading import build_judge_stack
 from judges.protocol import JudgeConfigError, Preference
 from judges.reliable import MAX_RETRY_AFTER_S, ReliableJudge
-from online_dpo.config.recipe import recipe_from_dict
+from online_dpo.config.recipe import JudgeConfig, recipe_from_dict
+from online_dpo.pipeline.pair_selection import judge_prompts
 from online_dpo.pipeline.run import Run
 from tests.conftest import tiny_recipe_dict
 from tests.servers import ScriptedServer, VLLMServer, chat_reply, free_port
@@ -198,6 +201,34 @@ def test_real_vllm_serve_endpoint(smollm2_dir, tiny_model_dir, prompts_file, tmp
         assert rows[0]["pairs_failed"] == 0
         judgments = (tmp_path / "runs" / "tiny" / "round_1" / "judgments.jsonl").read_text()
         assert "LLM verdict" in judgments or "order-dependent" in judgments
+        # Concurrency changes when a verdict comes back, never what it is, nor which comparison it
+        # belongs to. The served model repeats the second answer's letter (checked by hand: A, B or
+        # TIE), so each verdict depends on its own request, and one routed to another comparison
+        # changes the pairs. 8 prompts x 4 answers, both orders, serially and 16 at once.
+        letters = {**kwargs, "template": "Repeat this letter: {second}\n(ignore: {prompt} {first})"}
+        rng = random.Random(3)
+        # B beats A in both orders; any other comparison ties or depends on the order. So the 2
+        # prompts without a B give no pair, and some of the 6 with an A and a B give one.
+        answers = [rng.sample(["A", "B", rng.choice(["A", "B", "TIE"]), "TIE"], 4) for _ in range(6)]
+        answers += [rng.sample(["A", "A", "TIE", "TIE"], 4) for _ in range(2)]
+        prompts = [({"prompt": f"question {i}"}, texts) for i, texts in enumerate(answers)]
+        results, flips = {}, {}
+        for concurrency in (1, 16):
+            cfg = JudgeConfig(target="judges.llm:LLMJudge", kwargs=letters, both_orders=True,
+                              concurrency=concurrency, retries=0)
+            judge, _ = build_judge_stack(cfg, cache_path=None)
+            try:
+                results[concurrency] = list(judge_prompts(judge, prompts, "best_vs_worst", random.Random(0),
+                                                          concurrency=judge.concurrency))
+                layer = judge
+                while not isinstance(layer, BothOrders):  # the stack's bias-control layer
+                    layer = layer.inner
+                flips[concurrency] = layer.pop_stats()["position_flip_rate"]
+            finally:
+                judge.close()
+        assert results[1] == results[16] and flips[1] == flips[16]
+        statuses = [r["status"] for r in results[1]]
+        assert "kept" in statuses[:6] and statuses[6:] == ["tie", "tie"], statuses
     finally:
         server.close()
 
