@@ -76,13 +76,18 @@ def launched(smollm2_dir, tmp_path_factory):
     holder[0].stop()
 
 
+def relaunch(server, model_dir, log_path, **launch) -> LaunchedServer:
+    """A fresh `vllm serve` on a stopped server's port, so a run's recipe still points at it."""
+    port = int(server.url.rsplit(":", 1)[1])
+    return LaunchedServer(model_dir, ServerLaunchConfig(port=port), dtype=torch.float32, kv_cache_gib=1,
+                          log_path=log_path, **launch)
+
+
 @pytest.fixture
 def server(launched, smollm2_dir, tmp_path_factory):
     if launched[0].exit_code() is not None:  # stopped by an earlier test: the same server, again
-        port = int(launched[0].url.rsplit(":", 1)[1])
-        launched[0] = LaunchedServer(smollm2_dir, ServerLaunchConfig(port=port), dtype=torch.float32, kv_cache_gib=1,
-                                     max_model_len=SERVER_MAX_MODEL_LEN,
-                                     log_path=tmp_path_factory.mktemp("relaunched") / "server.log")
+        launched[0] = relaunch(launched[0], smollm2_dir, tmp_path_factory.mktemp("relaunched") / "server.log",
+                               max_model_len=SERVER_MAX_MODEL_LEN)
     return launched[0]
 
 
@@ -177,9 +182,7 @@ def test_in_process_and_server_runs_killed_and_resumed_give_the_same_result(serv
     trained = (remote1 / "train.json").read_text()
     samples_mtime = (remote1 / "samples.jsonl").stat().st_mtime_ns
 
-    port = int(server.url.rsplit(":", 1)[1])
-    restarted = LaunchedServer(smollm2_dir, ServerLaunchConfig(port=port), dtype=torch.float32, kv_cache_gib=1,
-                               log_path=tmp_path / "restarted.log")
+    restarted = relaunch(server, smollm2_dir, tmp_path / "restarted.log")
     try:
         resumed = run_cli(remote_recipe)
     finally:

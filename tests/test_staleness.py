@@ -124,29 +124,27 @@ def flat_or_length(row, completion: str) -> float:
     return 0.0 if row["flat"] else float(len(completion.split()))
 
 
-def flat_round_recipe(tiny_model_dir, tmp_path, flat_round: int, rounds: int) -> dict:
+def flat_round_recipe(tiny_model_dir, prompts_file, tmp_path, flat_round: int, rounds: int) -> dict:
     """Staleness 1 over `rounds` rounds, where round `flat_round` keeps no pair: its prompts (the
-    run's seeded order, 4 a round over the 10 training rows) are marked flat."""
-    topics = ["the moon", "coffee", "volcanoes", "chess", "bread", "rivers", "trains", "snow",
-              "bees", "maps", "tea", "clouds"]
-    order = list(range(10))
+    run's seeded order, 4 a round over the 10 training rows; the last 2 are held out) are marked flat."""
+    rows = [json.loads(line) for line in prompts_file.read_text().splitlines()]
+    order = list(range(len(rows) - 2))
     random.Random(0).shuffle(order)
-    flat = {order[(4 * (flat_round - 1) + i) % 10] for i in range(4)}
+    flat = {order[(4 * (flat_round - 1) + i) % len(order)] for i in range(4)}
     prompts = tmp_path / "flat.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {t}.", "flat": i in flat}) + "\n"
-                               for i, t in enumerate(topics)))
+    prompts.write_text("".join(json.dumps({**row, "flat": i in flat}) + "\n" for i, row in enumerate(rows)))
     return tiny_recipe_dict(tiny_model_dir, prompts, tmp_path / "runs", rounds=rounds,
                             **{"generation.max_staleness": 1,
                                "judge": {"target": "judges.functions:PointwiseFunction",
                                          "kwargs": {"function": "tests.test_staleness:flat_or_length"}}})
 
 
-def test_a_round_without_pairs_leaves_the_policy_that_samples_ahead(tiny_model_dir, tmp_path):
+def test_a_round_without_pairs_leaves_the_policy_that_samples_ahead(tiny_model_dir, prompts_file, tmp_path):
     """Round 2 trains nothing, so the policy of round 2 is round 1's: it samples round 4 (as round
     3). Killed after round 4 was drawn, before round 3 trains, the run resumes and draws nothing
     again. More rounds are refused: their sampling policies are gone from the sampler."""
     recipe = tmp_path / "flat.yaml"
-    data = flat_round_recipe(tiny_model_dir, tmp_path, flat_round=2, rounds=4)
+    data = flat_round_recipe(tiny_model_dir, prompts_file, tmp_path, flat_round=2, rounds=4)
     recipe.write_text(yaml.safe_dump(data))
     straight = run_cli(recipe, "name=straight")
     assert straight.returncode == 0, straight.stderr[-3000:]

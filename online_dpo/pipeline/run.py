@@ -301,13 +301,14 @@ def check_resolved_recipe(recipe: Recipe, run_dir: Path) -> None:
         # More rounds extends a run without invalidating finished work; trackers change no result.
         # Not so offline from pi_0: round_0/ drew the pool for the first `rounds` only.
         allowed = ("report_to",) if recipe.mode == "offline" and recipe.data.pairs is None else ("rounds", "report_to")
-        changed = [k for k in sorted(_diff_keys(previous, resolved)) if k not in allowed]
-        if "rounds" in _diff_keys(previous, resolved) and recipe.generation.max_staleness:
+        diff = _diff_keys(previous, resolved)
+        changed = [k for k in sorted(diff) if k not in allowed]
+        if "rounds" in diff and recipe.generation.max_staleness:
             raise RecipeError(f"{run_dir}: more rounds under generation.max_staleness "
                               f"{recipe.generation.max_staleness}: the new rounds are sampled by policies of "
                               f"rounds already past, which the sampler no longer holds; use a new name= "
                               f"to start a new run")
-        if "rounds" in _diff_keys(previous, resolved) and schedule_spans_rounds(recipe.train):
+        if "rounds" in diff and schedule_spans_rounds(recipe.train):
             raise RecipeError(f"{run_dir}: more rounds would change the learning rate of the rounds already "
                               f"run (train.lr_scheduler {recipe.train.lr_scheduler}, warmup_ratio "
                               f"{recipe.train.warmup_ratio} span the run); use a new name= to start a new run")
