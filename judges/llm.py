@@ -25,6 +25,7 @@ from judges.protocol import (
     Row,
 )
 from judges.rules import conversation_text
+from online_dpo.net import pooled_limits
 
 DEFAULT_TEMPLATE = (
     "Which answer to the question is better: more helpful, correct and concise?\n\n"
@@ -65,7 +66,7 @@ class HTTPChatBackend:
         self.api_key_env = api_key_env
         self.timeout = httpx.Timeout(timeout_s)
         self.body = {"temperature": temperature, "max_tokens": max_tokens, **(extra_body or {})}
-        self.client = httpx.Client(timeout=self.timeout)
+        self.client = httpx.Client(timeout=self.timeout, limits=pooled_limits())
 
     def _key(self) -> str | None:
         if not self.api_key_env:

@@ -111,7 +111,8 @@ class VLLMServer:
 
 class RouteServer:
     """Answers GET/POST by path from a table {(method, path): (status, body_dict, delay_s)}, or a
-    list of such answers given in turn (the last repeats); unknown paths get 404. For fault tests of
+    list of such answers given in turn (the last repeats); unknown paths get 404, and a status of
+    None closes the connection without an answer (a server dropping it). For fault tests of
     an HTTP client's orchestration, beside the real `vllm serve` tests (test_server_sampling.py)."""
 
     def __init__(self, routes: dict):
@@ -131,6 +132,9 @@ class RouteServer:
                     answer = answer.pop(0) if len(answer) > 1 else answer[0]
                 status, body, delay = answer
                 time.sleep(delay)
+                if status is None:
+                    self.close_connection = True
+                    return
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")

@@ -66,6 +66,30 @@ def test_a_server_left_paused_by_a_killed_trainer_is_resumed(serve, tmp_path):
     assert ("POST", "/resume") in server.calls
 
 
+def test_a_request_the_server_dropped_unanswered_is_sent_again_once(serve, tmp_path):
+    # What a request meets on a pooled connection the server closes as it is sent: no answer.
+    server = serve({("GET", "/health"): [(None, {}, 0), (200, {}, 0)],
+                    ("POST", "/inference/v1/generate"): [(None, {}, 0)]})
+    gen = client(server, tmp_path)
+    assert server.calls[:2] == [("GET", "/health")] * 2
+    # Dropped every time, it is a fault: named, after one more try, with no wait for a timeout.
+    t0 = time.monotonic()
+    with pytest.raises(ServerError, match="scoring the probe failed: no answer .*RemoteProtocolError"):
+        gen.score([1, 2], [3])
+    assert server.calls.count(("POST", "/inference/v1/generate")) == 2 and time.monotonic() - t0 < 4
+
+
+def test_idle_connections_are_dropped_before_vllm_serve_drops_them(serve, tmp_path):
+    import vllm.envs
+
+    from judges.llm import HTTPChatBackend
+
+    # Equal idle limits race: 1 in 60 requests sent at that idle time got no answer (online_dpo/net.py).
+    judge = HTTPChatBackend("http://127.0.0.1:1/v1", "m", None, 5, 0.0, 8, None)
+    for http in (client(serve(), tmp_path).client, judge.client):
+        assert http._transport._pool._keepalive_expiry < vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+
+
 def test_a_run_pointed_where_nothing_listens_stops_with_the_url(tiny_model_dir, prompts_file, tmp_path):
     url = f"http://127.0.0.1:{free_port()}"
     recipe = recipe_from_dict(tiny_recipe_dict(tiny_model_dir, prompts_file, tmp_path, **{

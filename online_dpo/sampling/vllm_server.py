@@ -36,7 +36,9 @@ from pathlib import Path
 
 import httpx
 import torch
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
+from online_dpo.net import DROPPED_CONNECTION, pooled_limits
 from online_dpo.sampling.generator import Completion, SamplingSettings
 from online_dpo.sampling.vllm_plugin import FILE_BACKEND
 from online_dpo.training.weight_stream import buckets
@@ -62,15 +64,19 @@ class VLLMServerGenerator:
         self.bucket_bytes = bucket_bytes  # the most one transfer file holds (in the trainer's dtype)
         self.client = httpx.Client(base_url=self.url,
                                    timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-                                   limits=httpx.Limits(max_connections=MAX_CONCURRENT_REQUESTS))
+                                   limits=pooled_limits(MAX_CONCURRENT_REQUESTS))
         self.weight_version: str | None = None
         self._connect()
 
     # ------------------------------------------------------------------ HTTP
 
     def _call(self, method: str, path: str, step: str, **kwargs) -> dict:
+        # Sent once more on a new connection if the pooled one was dropped under it: the server
+        # closed it idle, before reading the request (online_dpo/net.py). A server that died
+        # instead refuses the new connection, and the error below says so.
+        resend = Retrying(retry=retry_if_exception_type(DROPPED_CONNECTION), stop=stop_after_attempt(2), reraise=True)
         try:
-            response = self.client.request(method, path, **kwargs)
+            response = resend(self.client.request, method, path, **kwargs)
         except httpx.TimeoutException:
             raise ServerError(f"{self.where}: {step} timed out after {self.timeout_s:g} s "
                               "(generation.server.timeout_s); nothing finished is lost: rerun to resume") from None
