@@ -84,3 +84,47 @@ def test_a_bf16_base_keeps_the_adapter_and_its_merge_in_float32(tiny_model_dir, 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).state_dict()
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert models.pi0_probe.dtype == torch.float32 and torch.isfinite(models.pi0_probe).all()
+
+
+def _saved_bytes_loss_and_grads(model, ids):
+    """What autograd keeps for the backward of one forward (unique storages), and the results."""
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+    loss.backward()
+    return sum(storages.values()), loss, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_bf16_base_keeps_one_copy_of_each_input_for_the_adapter(tiny_model_dir):
+    """PEFT casts each adapted module's input to the adapter's float32, and autograd keeps every
+    cast; `add_adapter` keeps the base's bf16 input once instead, with the same loss and gradients."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    from online_dpo.config.recipe import AdapterConfig
+    from online_dpo.training.lora import add_adapter
+
+    def adapted(build):
+        torch.manual_seed(0)
+        model = build(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # nonzero, so A's gradients are too
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        return model
+
+    ours = adapted(lambda m: add_adapter(m, AdapterConfig(rank=4, alpha=8)))
+    peft = adapted(lambda m: get_peft_model(m, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                          target_modules="all-linear", task_type="CAUSAL_LM")))
+    ids = torch.randint(0, 1000, (1, 64), generator=torch.Generator().manual_seed(1))
+    saved, loss, grads = _saved_bytes_loss_and_grads(ours, ids)
+    peft_saved, peft_loss, peft_grads = _saved_bytes_loss_and_grads(peft, ids)
+    assert torch.equal(loss, peft_loss) and grads.keys() == peft_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, peft_grads[name], rtol=1e-5, atol=1e-8, msg=name)
+    casts = sum(4 * m.get_base_layer().in_features * ids.numel() for m in peft.modules() if isinstance(m, LoraLayer))
+    assert peft_saved - saved > 0.5 * casts, (peft_saved, saved, casts)
