@@ -10,10 +10,13 @@ import httpx
 # 1 in 60 requests at that idle time; none at 0.5 s below it).
 KEEPALIVE_EXPIRY_S = 2.0
 
-# What a request sent on a connection the server closed meanwhile raises: it may be sent again
-# (the server is up; a down one refuses the new connection with httpx.ConnectError).
+# What a request sent on a connection the server closed meanwhile raises (the keep-alive race gave
+# ReadError); sent again, it meets a server that is up, or one that is down and refuses the
+# connection (httpx.ConnectError, not resent).
 DROPPED_CONNECTION = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
-def pooled_limits(max_connections: int | None = None) -> httpx.Limits:
-    return httpx.Limits(max_connections=max_connections, keepalive_expiry=KEEPALIVE_EXPIRY_S)
+def pooled_limits(max_connections: int = 100, max_keepalive_connections: int = 20) -> httpx.Limits:
+    """httpx's default pool (100 connections, 20 kept idle) unless told, with the idle limit above."""
+    return httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_keepalive_connections,
+                        keepalive_expiry=KEEPALIVE_EXPIRY_S)

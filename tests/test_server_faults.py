@@ -85,9 +85,13 @@ def test_idle_connections_are_dropped_before_vllm_serve_drops_them(serve, tmp_pa
     from judges.llm import HTTPChatBackend
 
     # Equal idle limits race: 1 in 60 requests sent at that idle time got no answer (online_dpo/net.py).
-    judge = HTTPChatBackend("http://127.0.0.1:1/v1", "m", None, 5, 0.0, 8, None)
-    for http in (client(serve(), tmp_path).client, judge.client):
-        assert http._transport._pool._keepalive_expiry < vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+    judge, gen = HTTPChatBackend("http://127.0.0.1:1/v1", "m", None, 5, 0.0, 8, None), client(serve(), tmp_path)
+    try:  # httpx keeps the limit in its transport's pool (httpx is pinned: requirements/common.txt)
+        for http in (gen.client, judge.client):
+            assert http._transport._pool._keepalive_expiry < vllm.envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+    finally:
+        gen.close()
+        judge.close()
 
 
 def test_a_run_pointed_where_nothing_listens_stops_with_the_url(tiny_model_dir, prompts_file, tmp_path):

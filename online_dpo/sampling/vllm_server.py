@@ -64,16 +64,20 @@ class VLLMServerGenerator:
         self.bucket_bytes = bucket_bytes  # the most one transfer file holds (in the trainer's dtype)
         self.client = httpx.Client(base_url=self.url,
                                    timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-                                   limits=pooled_limits(MAX_CONCURRENT_REQUESTS))
+                                   limits=pooled_limits(MAX_CONCURRENT_REQUESTS, MAX_CONCURRENT_REQUESTS))
         self.weight_version: str | None = None
         self._connect()
 
     # ------------------------------------------------------------------ HTTP
 
     def _call(self, method: str, path: str, step: str, **kwargs) -> dict:
-        # Sent once more on a new connection if the pooled one was dropped under it: the server
-        # closed it idle, before reading the request (online_dpo/net.py). A server that died
-        # instead refuses the new connection, and the error below says so.
+        # Sent once more if the connection was dropped under it. In the keep-alive race the server
+        # closed it idle and never read the request (online_dpo/net.py). Were it dropped after the
+        # server acted, the repeat is harmless: sampling is seeded; pause, resume, labels and a
+        # weight file's load come out the same twice; a second start of an update is closed by
+        # `_update_from`, a second finish is refused with an HTTP error that stops the run; and no
+        # weights are labelled the policy's before the probe passes. A server that died refuses
+        # the new connection, and the error below says so.
         resend = Retrying(retry=retry_if_exception_type(DROPPED_CONNECTION), stop=stop_after_attempt(2), reraise=True)
         try:
             response = resend(self.client.request, method, path, **kwargs)

@@ -27,44 +27,51 @@ def add_adapter(model, cfg: AdapterConfig):
     return keep_inputs_in_base_dtype(get_peft_model(model, peft_config))
 
 
-class _UpcastInputLinear(torch.autograd.Function):
-    """x @ W.T computed in W's dtype, with x saved for the backward in its own dtype."""
+class _InputKeepingLinearFn(torch.autograd.Function):
+    """x @ W.T computed in W's dtype, with x saved for W's gradient in its own dtype."""
 
     @staticmethod
     def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
+        ctx.input_dtype = x.dtype
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         return torch.nn.functional.linear(x.to(weight.dtype), weight)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = grad.flatten(0, -2).t() @ x.flatten(0, -2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_x = (grad @ weight).to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
         return grad_x, grad_w
 
 
 class InputKeepingLinear(torch.nn.Linear):
-    """An adapter's A matrix (float32) fed a lower-precision base's activations (bf16): the product
-    in float32, but the input kept for the backward as it came, one tensor shared by every module
-    it feeds (q, k and v read the same input). PEFT's own cast made a float32 copy per module, and
-    autograd kept each: 292 MiB per 512 tokens at SmolLM2's shape, which undid most of what a bf16
-    base saves in the train step. Under autocast the matmul is autocast's, as before."""
+    """An adapter's A matrix (float32, no bias) fed a lower-precision base's activations (bf16):
+    the product in float32, but the input kept for the backward as it came, one tensor shared by
+    every module it feeds (q, k and v read the same input). PEFT casts the input per module, and
+    autograd kept each cast (q's, k's and v's): at SmolLM2's shape and 512 tokens, 292 MiB of
+    float32 casts where the bf16 inputs are 79 MiB, which undid most of what a bf16 base saves in
+    the train step. Under autocast (CUDA's bf16) the matmul is autocast's, fed the input itself
+    rather than PEFT's float32 cast of it, so autocast keeps no bf16 copy per module either."""
 
     def forward(self, x):
         if x.dtype == self.weight.dtype or torch.is_autocast_enabled(x.device.type):
             return super().forward(x)
-        return _UpcastInputLinear.apply(x, self.weight)
+        return _InputKeepingLinearFn.apply(x, self.weight)
 
 
 def keep_inputs_in_base_dtype(peft_model):
     """Where the base's dtype is not the adapter's, each LoRA layer's A takes the base's activations
-    as they are (`InputKeepingLinear`); the same weights, values and gradients."""
+    as they are (`InputKeepingLinear`): the same values and gradients. Not with lora dropout, which
+    makes a new tensor per module anyway (and would then run in bf16)."""
     for module in peft_model.modules():
         if not isinstance(module, LoraLayer):
             continue
         base_dtype = module.get_base_layer().weight.dtype
-        for a in module.lora_A.values():
-            if isinstance(a, torch.nn.Linear) and a.weight.dtype != base_dtype:
+        for name, a in module.lora_A.items():
+            plain = isinstance(module.lora_dropout[name], torch.nn.Identity) and a.bias is None
+            if type(a) is torch.nn.Linear and a.weight.dtype != base_dtype and plain:
                 a.__class__ = InputKeepingLinear
                 module.cast_input_dtype_enabled = False
     return peft_model
