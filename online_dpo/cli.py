@@ -95,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             return _sweep(args)
         recipe = load_recipe(args.recipe, args.overrides)
         from online_dpo.pipeline.run import run_recipe
-        from online_dpo.training.distributed import close_process_group
+        from online_dpo.training.distributed import end_finished_processes
 
         run_recipe(recipe)
-        close_process_group()
+        end_finished_processes()  # several processes: they end here, with code 0
     except (RecipeError, DatasetError, JudgeLoadError, JudgeConfigError, FileNotFoundError) as e:
         print(f"online-dpo: error: {e}", file=sys.stderr)
         return 2

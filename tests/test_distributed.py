@@ -270,3 +270,28 @@ def test_an_fsdp_config_on_cpu_warns_that_it_runs_data_parallel(monkeypatch, cap
     recipe = recipe_from_dict(minimal())
     check_launch(recipe, _accelerator("MULTI_CPU"))
     assert "accelerate runs FSDP on accelerators only" in capsys.readouterr().out
+
+
+END_WORKER = """
+import atexit, os, sys
+import torch.distributed as dist
+from online_dpo.training.distributed import end_finished_processes
+marker = sys.argv[1]
+atexit.register(lambda: open(marker + os.environ["RANK"], "w").write("interpreter teardown ran"))
+dist.init_process_group("gloo")
+end_finished_processes()
+print("returned", flush=True)
+"""
+
+
+def test_finished_processes_end_without_the_interpreter_teardown(tmp_path):
+    """A finished multi-process run ends each process at once, with code 0: the teardown is where
+    gloo's and DeepSpeed's threads aborted processes (SIGABRT) after runs that had succeeded."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(END_WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+           str(tmp_path / "teardown_rank")]
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "returned" not in done.stdout and not list(tmp_path.glob("teardown_rank*"))

@@ -13,6 +13,7 @@ whole weights after each step.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -83,13 +84,22 @@ class Processes:
             self.state.wait_for_everyone()
 
 
-def close_process_group() -> None:
-    """After a run that every process finished: a gloo group left for the interpreter's exit to
-    destroy can abort a process (SIGABRT, "terminate called without an active exception") while
-    its worker threads still hold tensors. Not after a failure: the others may be mid-collective."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+def end_finished_processes() -> None:
+    """After a run that every process finished: destroy the process group, then end the process
+    at once (`os._exit(0)`, after flushing the console). Left to the interpreter's exit, a thread
+    of gloo's or DeepSpeed's that is still joinable when its owner is destroyed aborts the process
+    (SIGABRT, "terminate called without an active exception"): seen after FSDP2 runs, and after a
+    ZeRO-3 run on 2026-12-07 with the group already destroyed. Nothing is lost by skipping the
+    teardown: artifacts are written atomically, trackers finish each round, and the run closed its
+    sampler and judges. Not after a failure (the others may be mid-collective), and one process
+    returns as usual."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def uses_deepspeed(accelerator) -> bool:
