@@ -34,6 +34,7 @@ from online_dpo.sampling.vllm_server import (
     default_transfer_dir,
 )
 from online_dpo.sampling.weight_sync import WeightSyncError, sync_and_verify, verify_engine
+from online_dpo.storage.artifacts import read_jsonl
 from online_dpo.training.models import Models
 from tests.conftest import REPO
 from tests.test_resume import run_cli
@@ -272,5 +273,13 @@ def test_staleness_1_on_the_server_draws_ahead_beside_training_and_resumes_after
     assert [r["round"] for r in b] == [1, 2, 3] and [r["staleness"] for r in b] == [0, 1, 1]
     for ra, rb in zip(a, b, strict=True):
         for key in STALE_COMPARED:
-            same = rb[key] == ra[key] if isinstance(ra[key], str) else rb[key] == pytest.approx(ra[key], rel=1e-6, abs=1e-9)
+            # The KL's policy side is vLLM's own log-probs, which vary in the 5th digit with what
+            # else the server batches (a CI run: 0.4914861 against 0.4915094 after a kill in round
+            # 1's eval); the samples themselves must be the same tokens, checked below.
+            rel = 1e-4 if key == "kl_to_pi0" else 1e-6
+            same = rb[key] == ra[key] if isinstance(ra[key], str) else rb[key] == pytest.approx(ra[key], rel=rel, abs=1e-9)
             assert same, (f"killed at {delay:.1f} s", ra["round"], key, ra[key], rb[key])
+    for k in (1, 2, 3):  # the held-out samples, token for token
+        tokens = [[[s["token_ids"] for s in r["samples"]] for r in read_jsonl(runs / name / f"round_{k}" / "eval_samples.jsonl")]
+                  for name in ("straight", "killed")]
+        assert tokens[0] == tokens[1], (f"killed at {delay:.1f} s", k)
